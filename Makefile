@@ -1,0 +1,45 @@
+# The front door. `make run` and `make test` are the two commands a newcomer
+# needs; each installs missing Debian packages first. CMake does the building.
+BUILD   ?= build
+ASAN    ?= build-asan
+JOBS    ?= $(shell nproc)
+STATE   ?= $(CURDIR)/state
+WERROR  := $(if $(filter true,$(CI)),ON,OFF)
+
+.PHONY: all build run test test-asan clean deps-build deps-test deps-run
+
+all: build
+
+deps-build deps-test deps-run: deps-%:
+	@scripts/deps.sh $*
+
+$(BUILD)/Makefile: CMakeLists.txt
+	cmake -S . -B $(BUILD) -DPN_WERROR=$(WERROR)
+
+build: deps-build $(BUILD)/Makefile
+	cmake --build $(BUILD) -j $(JOBS)
+
+# A node with safe defaults: state (certificate, API key) under ./state,
+# the core found on PATH (Debian's v2ray is installed when there is none).
+# The certificate paths are pinned under ./state because many systems export
+# OpenSSL's own SSL_CERT_FILE (a CA bundle), which shares the node's name.
+run: deps-run build
+	@mkdir -p -m 0700 $(STATE)
+	PROXYNODE_PROFILE=$${PROXYNODE_PROFILE:-pasarguard} PROXYNODE_STATE_DIR=$(STATE) \
+	  SSL_CERT_FILE=$(STATE)/certs/ssl_cert.pem SSL_KEY_FILE=$(STATE)/certs/ssl_key.pem \
+	  ./$(BUILD)/proxynode run
+
+# Unit and integration tests; in CI (CI=true) also the ASan+UBSan build, last,
+# so the final line is ctest's summary.
+test: deps-test build
+	cd $(BUILD) && ctest --output-on-failure -j 2
+	@if [ "$(CI)" = true ]; then $(MAKE) --no-print-directory test-asan; fi
+
+test-asan: deps-test
+	cmake -S . -B $(ASAN) -DPN_SANITIZE=ON -DCMAKE_BUILD_TYPE=Debug -DPN_WERROR=$(WERROR)
+	cmake --build $(ASAN) -j $(JOBS)
+	cd $(ASAN) && ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 \
+	  UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 ctest --output-on-failure -j 2
+
+clean:
+	rm -rf $(BUILD) $(ASAN)
