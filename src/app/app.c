@@ -16,7 +16,9 @@
 #include "net/tls.h"
 #include "node/backend.h"
 
+/* DESIGN.md: exit within 2 s when no core runs, 6 s otherwise. */
 #define SHUTDOWN_GRACE_MS 1500
+#define SHUTDOWN_GRACE_CORE_MS 5500
 
 struct app {
     struct pn_config *cfg;
@@ -28,6 +30,7 @@ struct app {
     struct pn_listener *listener;
     struct event *ev_term, *ev_int, *ev_hup, *ev_stop_tick;
     uint64_t stop_deadline;
+    bool backend_down;
 };
 
 /* Runs every 50 ms once stopping: ends the loop when the last connection
@@ -35,8 +38,15 @@ struct app {
 static void stop_tick(evutil_socket_t fd, short what, void *arg)
 {
     struct app *a = arg;
-    if (pn_listener_conn_count(a->listener) == 0 || pn_now_ms() >= a->stop_deadline)
+    if ((pn_listener_conn_count(a->listener) == 0 && a->backend_down) ||
+        pn_now_ms() >= a->stop_deadline)
         event_base_loopbreak(a->base);
+}
+
+static void backend_down(void *arg)
+{
+    struct app *a = arg;
+    a->backend_down = true;
 }
 
 static void on_stop_signal(evutil_socket_t sig, short what, void *arg)
@@ -48,8 +58,10 @@ static void on_stop_signal(evutil_socket_t sig, short what, void *arg)
         return;
     }
     pn_log_info("received %s: stopping", sig == SIGTERM ? "SIGTERM" : "SIGINT");
+    bool core = pn_backend_state(a->backend) != PN_BACKEND_NONE;
     pn_listener_shutdown(a->listener);
-    a->stop_deadline = pn_now_ms() + SHUTDOWN_GRACE_MS;
+    pn_backend_shutdown(a->backend, backend_down, a);
+    a->stop_deadline = pn_now_ms() + (core ? SHUTDOWN_GRACE_CORE_MS : SHUTDOWN_GRACE_MS);
     a->ev_stop_tick = event_new(a->base, -1, EV_PERSIST, stop_tick, a);
     struct timeval tv = {0, 50000};
     event_add(a->ev_stop_tick, &tv);
@@ -128,7 +140,19 @@ int pn_app_run(struct pn_config *cfg)
         pn_log_error("cannot create the event loop");
         goto out_tls;
     }
-    a.backend = pn_backend_new(a.base, cfg->core_path);
+    struct pn_backend_opts bo = {
+        .base = a.base,
+        .core_path = cfg->core_path,
+        .assets = cfg->xray_assets_path,
+        .start_timeout_ms = (unsigned)cfg->start_timeout * 1000,
+        .bank_interval_ms = (unsigned)cfg->stats_bank_interval * 1000,
+        .log_buffer_size = (size_t)cfg->log_buffer_size,
+        .startup_tail = (unsigned)cfg->startup_log_tail_size,
+        .keepalive_stops_core = cfg->keepalive_stops_core,
+        .debug = cfg->debug,
+        .generated_config_path = cfg->generated_config_path,
+    };
+    a.backend = pn_backend_new(&bo);
     struct pn_pasarguard_opts po = {.api_key = cfg->api_key,
                                     .backend = a.backend,
                                     .node_version = PN_VERSION};
