@@ -59,6 +59,7 @@ static void on_stop_signal(evutil_socket_t sig, short what, void *arg)
     }
     pn_log_info("received %s: stopping", sig == SIGTERM ? "SIGTERM" : "SIGINT");
     bool core = pn_backend_state(a->backend) != PN_BACKEND_NONE;
+    pn_pasarguard_end_streams(a->pg); /* log streams never end by themselves */
     pn_listener_shutdown(a->listener);
     pn_backend_shutdown(a->backend, backend_down, a);
     a->stop_deadline = pn_now_ms() + (core ? SHUTDOWN_GRACE_CORE_MS : SHUTDOWN_GRACE_MS);
@@ -153,7 +154,8 @@ int pn_app_run(struct pn_config *cfg)
         .generated_config_path = cfg->generated_config_path,
     };
     a.backend = pn_backend_new(&bo);
-    struct pn_pasarguard_opts po = {.api_key = cfg->api_key,
+    struct pn_pasarguard_opts po = {.base = a.base,
+                                    .api_key = cfg->api_key,
                                     .backend = a.backend,
                                     .node_version = PN_VERSION};
     a.pg = pn_pasarguard_new(&po);
