@@ -940,9 +940,34 @@ static void h_online_ip(struct pn_pasarguard *pg, struct reply r, const uint8_t 
     online_run(pg, r, body, len, true);
 }
 
-/* GetOutboundsLatency: the backend reads no observatory yet, so the answer
- * is the empty list the node gives without a core, metrics or observatory
- * (DESIGN "Small rules"). The request must still decode. */
+static void latency_done(const struct pn_backend_latency *items, size_t n, void *arg)
+{
+    struct pending *p = arg;
+    Service__LatencyResponse m = SERVICE__LATENCY_RESPONSE__INIT;
+    Service__Latency *lat = pn_calloc(n ? n : 1, sizeof *lat);
+    Service__Latency **ptrs = pn_calloc(n ? n : 1, sizeof *ptrs);
+    for (size_t i = 0; i < n; i++) {
+        service__latency__init(&lat[i]);
+        lat[i].name = (char *)items[i].tag;
+        lat[i].link = (char *)items[i].tag;
+        lat[i].alive = items[i].alive;
+        lat[i].delay = items[i].delay;
+        lat[i].last_seen_time = items[i].last_seen_time;
+        lat[i].last_try_time = items[i].last_try_time;
+        lat[i].source = "xray-observatory";
+        ptrs[i] = &lat[i];
+    }
+    m.latencies = ptrs;
+    m.n_latencies = n;
+    reply_msg(p->pg, p->r, &m.base);
+    free(ptrs);
+    free(lat);
+    pending_complete(p);
+}
+
+/* GetOutboundsLatency (spec §12.4): the core's observatory through the
+ * backend; an empty list without a core, metrics or observatory (DESIGN
+ * "Small rules"), so no guard. The request must still decode. */
 static void h_latency(struct pn_pasarguard *pg, struct reply r, const uint8_t *body, size_t len)
 {
     Service__LatencyRequest *m = service__latency_request__unpack(NULL, len, body);
@@ -950,8 +975,11 @@ static void h_latency(struct pn_pasarguard *pg, struct reply r, const uint8_t *b
         reply_decode_error(r, PROTO_PARSE_ERR);
         return;
     }
+    struct pending *p = pending_new(pg, r);
+    p->in_call = true;
+    int rv = pn_backend_latency(pg->backend, m->name, latency_done, p, &p->op);
+    pending_launched(p, rv, 500, PN_GRPC_UNKNOWN);
     service__latency_request__free_unpacked(m, NULL);
-    reply_empty(pg, r);
 }
 
 /* ---- user syncs (unary forms) ---------------------------------------------- */

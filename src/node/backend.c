@@ -18,7 +18,10 @@
 
 #include <arpa/inet.h>
 #include <errno.h>
+#include <event2/buffer.h>
 #include <event2/event.h>
+#include <event2/http.h>
+#include <jansson.h>
 #include <fcntl.h>
 #include <ifaddrs.h>
 #include <net/if.h>
@@ -36,6 +39,7 @@
 #include "base/err.h"
 #include "base/log.h"
 #include "base/time.h"
+#include "base/utf8.h"
 #include "core/probe.h"
 #include "core/supervisor.h"
 #include "node/coreconf.h"
@@ -70,7 +74,7 @@ struct gen_data {
     struct pn_coreconf conf;
 };
 
-enum op_kind { OP_START, OP_STOP, OP_SYNC, OP_STATS, OP_SYS, OP_ONLINE, OP_HANDOVER };
+enum op_kind { OP_START, OP_STOP, OP_SYNC, OP_STATS, OP_SYS, OP_ONLINE, OP_LATENCY };
 
 /* One user's change on one inbound, queued inside a sync. */
 struct user_task {
@@ -88,11 +92,13 @@ struct pn_backend_op {
     bool detached, queued, running;
     struct pn_backend_op *prev, *next; /* b->ops (all) */
     struct pn_backend_op *qnext;       /* b->queue (control ops) */
+    struct pn_backend_op *rnext;       /* b->retire_waiters */
     void *arg;
     pn_backend_done_cb done;
     pn_backend_stats_cb stats_cb;
     pn_backend_sys_cb sys_cb;
     pn_backend_online_cb online_cb;
+    pn_backend_latency_cb latency_cb;
 
     /* start */
     struct spec spec;
@@ -115,6 +121,9 @@ struct pn_backend_op {
     char *email;
     bool ip_list;
     bool pumping, completed;
+    struct evhttp_connection *http; /* latency: the metrics endpoint */
+    char **noise;                   /* latency: outbound tags left out */
+    size_t nnoise;
     void (*shutdown_cb)(void *arg);
     struct event *ev_defer; /* completes reads that need no core call */
 };
@@ -151,6 +160,9 @@ struct pn_backend {
     struct pn_backend_op *ops;      /* every op not yet finished */
     struct pn_backend_op *queue;    /* control ops, head runs */
     struct event *ev_kick;          /* runs the queue from the loop, never from a caller */
+    int retire_pending;             /* RemoveInbound calls on a retiring core in flight */
+    struct pn_backend_op *retire_waiters; /* answer once the old core stopped accepting */
+    bool freeing;
     char **local_addrs;
     size_t naddrs;
     bool shutting_down;
@@ -419,6 +431,11 @@ static void op_free(struct pn_backend_op *op)
         pn_ledger_free(op->acc);
     if (op->ev_defer)
         event_free(op->ev_defer);
+    if (op->http)
+        evhttp_connection_free(op->http);
+    for (size_t i = 0; i < op->nnoise; i++)
+        free(op->noise[i]);
+    free(op->noise);
     free(op);
 }
 
@@ -461,7 +478,6 @@ static void on_kick(evutil_socket_t fd, short what, void *arg)
 static void start_run(struct pn_backend_op *op);
 static void stop_run(struct pn_backend_op *op);
 static void sync_run(struct pn_backend_op *op);
-static void handover_run(struct pn_backend_op *op);
 
 /* Runs the head of the control queue when nothing else runs. */
 static void queue_kick(struct pn_backend *b)
@@ -476,7 +492,6 @@ static void queue_kick(struct pn_backend *b)
     case OP_START: start_run(op); break;
     case OP_STOP: stop_run(op); break;
     case OP_SYNC: sync_run(op); break;
-    case OP_HANDOVER: handover_run(op); break;
     default: break;
     }
 }
@@ -494,6 +509,7 @@ static void op_finish(struct pn_backend_op *op)
         switch (op->kind) {
         case OP_STATS:
         case OP_SYS:
+        case OP_LATENCY:
         case OP_ONLINE: break; /* reported by their own paths */
         default:
             if (op->done)
@@ -578,26 +594,60 @@ static char *build_config(struct pn_core_gen *gen, uint16_t api_port, size_t *le
 static void on_line(const struct pn_core_gen *gen, const char *line, size_t len, void *arg)
 {
     struct pn_backend *b = arg;
-    pn_logring_push(b->logs, line, len);
+    if (!pn_utf8_valid(line, len)) {
+        /* Log lines travel in protobuf strings, which must be UTF-8. */
+        char *clean = pn_malloc(3 * len + 1);
+        size_t n = pn_utf8_sanitize(line, len, clean);
+        pn_logring_push(b->logs, clean, n);
+        free(clean);
+    } else {
+        pn_logring_push(b->logs, line, len);
+    }
     pn_log_debug("core[%llu]: %.*s", (unsigned long long)pn_core_gen_id(gen), (int)len, line);
 }
 
 static void retire_done(const struct pn_coreapi_result *r, void *arg)
 {
+    struct pn_backend *b = arg;
     if (r->rv < 0 && r->rv != PN_ERR_CLOSED)
         pn_log_warn("handover: removing an inbound from the old core: %s", r->message);
+    if (--b->retire_pending > 0 || b->freeing)
+        return;
+    struct pn_backend_op *op = b->retire_waiters;
+    b->retire_waiters = NULL;
+    while (op) {
+        struct pn_backend_op *next = op->rnext;
+        op_finish(op);
+        op = next;
+    }
 }
 
 /* The old generation stops accepting: remove all its inbounds but the API
  * one, so new connections land on the new generation. */
 static void on_retire(struct pn_core_gen *gen, void *arg)
 {
+    struct pn_backend *b = arg;
     const struct pn_coreconf *c = gen_conf(gen);
     if (!c)
         return;
     for (size_t i = 0; i < c->ninbounds; i++)
-        pn_coreapi_remove_inbound(pn_core_gen_api(gen), c->inbounds[i].tag, CALL_TIMEOUT_MS,
-                                  retire_done, NULL);
+        if (pn_coreapi_remove_inbound(pn_core_gen_api(gen), c->inbounds[i].tag, CALL_TIMEOUT_MS,
+                                      retire_done, b) == PN_OK)
+            b->retire_pending++;
+}
+
+/* Finishes a Start or a sync that brought up a new generation only once
+ * the old one stopped accepting, so a client that connects right after the
+ * answer meets the new config. */
+static void finish_after_retire(struct pn_backend_op *op)
+{
+    struct pn_backend *b = op->b;
+    if (b->retire_pending == 0) {
+        op_finish(op);
+        return;
+    }
+    op->rnext = b->retire_waiters;
+    b->retire_waiters = op;
 }
 
 struct bank_ctx {
@@ -725,7 +775,7 @@ static void start_done(int rv, const char *err, struct pn_core_gen *gen, void *a
     pn_log_info("core started (pid %d, %zu users)%s", (int)pn_core_gen_pid(gen),
                 pn_backend_user_count(b),
                 took_over ? "; core control was taken away from the previous client" : "");
-    op_finish(op);
+    finish_after_retire(op);
 }
 
 static void start_run(struct pn_backend_op *op)
@@ -827,37 +877,6 @@ int pn_backend_stop(struct pn_backend *b, pn_backend_done_cb cb, void *arg,
         *opp = op;
     enqueue(op);
     return PN_OK;
-}
-
-/* ---- handover (v2ray single-user shadowsocks changes) ------------------------------ */
-
-static void handover_done(int rv, const char *err, struct pn_core_gen *gen, void *arg)
-{
-    struct pn_backend_op *op = arg;
-    if (rv < 0) {
-        op_set_error(op, rv, 13, "%s", err ? err : pn_strerror(rv));
-        pn_log_error("handover to a new core failed; the old core keeps serving: %s", op->err);
-    } else {
-        pn_log_info("handover done: core pid %d serves", (int)pn_core_gen_pid(gen));
-    }
-    op_finish(op);
-}
-
-static void handover_run(struct pn_backend_op *op)
-{
-    struct pn_backend *b = op->b;
-    if (!b->sup || b->state != PN_BACKEND_RUNNING) {
-        op_finish(op); /* a later Start or restart builds from the same users */
-        return;
-    }
-    if (pn_supervisor_start(b->sup, handover_done, op) < 0)
-        op_finish(op);
-}
-
-static void schedule_handover(struct pn_backend *b)
-{
-    struct pn_backend_op *op = op_new(b, OP_HANDOVER, NULL);
-    enqueue(op);
 }
 
 /* ---- user sync ------------------------------------------------------------------------------ */
@@ -997,13 +1016,31 @@ static void task_start(struct user_task *t)
     }
 }
 
+static void sync_handover_done(int rv, const char *err, struct pn_core_gen *gen, void *arg)
+{
+    struct pn_backend_op *op = arg;
+    if (rv < 0) {
+        op_set_error(op, rv, 13, "failed to update user: the handover to a new core failed: %s",
+                     err ? err : pn_strerror(rv));
+        pn_log_error("%s; the old core keeps serving", op->err);
+        op_finish(op);
+        return;
+    }
+    pn_log_info("handover done: core pid %d serves the changed users", (int)pn_core_gen_pid(gen));
+    finish_after_retire(op);
+}
+
+/* The sync answers once its changes are in effect: after the core calls,
+ * and for single-user shadowsocks changes (v2ray), after the handover to
+ * a core built from the updated user set. */
 static void sync_complete(struct pn_backend_op *op)
 {
     struct pn_backend *b = op->b;
-    if (op->needs_handover)
-        schedule_handover(b);
     if (op->add_errors.len)
         op_set_error(op, PN_ERR_PROTO, 13, "%s", (const char *)op->add_errors.data);
+    if (op->needs_handover && b->sup && b->state == PN_BACKEND_RUNNING &&
+        pn_supervisor_start(b->sup, sync_handover_done, op) == PN_OK)
+        return;
     op_finish(op);
 }
 
@@ -1384,6 +1421,111 @@ int pn_backend_online(struct pn_backend *b, const char *email, bool ip_list,
     return PN_OK;
 }
 
+/* ---- outbound latency (Xray observatory) ------------------------------------------- */
+
+static int latency_cmp(const void *a, const void *b)
+{
+    return strcmp(((const struct pn_backend_latency *)a)->tag,
+                  ((const struct pn_backend_latency *)b)->tag);
+}
+
+static bool latency_is_noise(const struct pn_backend_op *op, const char *tag)
+{
+    for (size_t i = 0; i < op->nnoise; i++)
+        if (!strcmp(op->noise[i], tag))
+            return true;
+    return false;
+}
+
+/* Answers from the /debug/vars JSON (NULL: empty): its "observatory"
+ * object maps outbound tags to {alive, delay, last_seen_time,
+ * last_try_time}. */
+static void latency_answer(struct pn_backend_op *op, json_t *vars)
+{
+    json_t *obs = vars ? json_object_get(vars, "observatory") : NULL;
+    size_t n = json_is_object(obs) ? json_object_size(obs) : 0, k = 0;
+    struct pn_backend_latency *items = pn_calloc(n ? n : 1, sizeof *items);
+    const char *tag;
+    json_t *v;
+    if (n) {
+        json_object_foreach(obs, tag, v)
+        {
+            if (!json_is_object(v) || latency_is_noise(op, tag) ||
+                (*op->pattern && strcmp(op->pattern, tag)))
+                continue;
+            items[k].tag = tag;
+            items[k].alive = json_is_true(json_object_get(v, "alive"));
+            items[k].delay = json_integer_value(json_object_get(v, "delay"));
+            items[k].last_seen_time = json_integer_value(json_object_get(v, "last_seen_time"));
+            items[k].last_try_time = json_integer_value(json_object_get(v, "last_try_time"));
+            k++;
+        }
+        qsort(items, k, sizeof *items, latency_cmp);
+    }
+    if (!op->detached)
+        op->latency_cb(items, k, op->arg);
+    free(items);
+}
+
+static void latency_finish(evutil_socket_t fd, short what, void *arg)
+{
+    op_finish(arg);
+}
+
+static void latency_reply(struct evhttp_request *req, void *arg)
+{
+    struct pn_backend_op *op = arg;
+    json_t *vars = NULL;
+    if (req && evhttp_request_get_response_code(req) == 200) {
+        struct evbuffer *in = evhttp_request_get_input_buffer(req);
+        size_t len = evbuffer_get_length(in);
+        json_error_t jerr;
+        vars = json_loadb((const char *)evbuffer_pullup(in, -1), len, 0, &jerr);
+        if (!vars)
+            pn_log_warn("outbound latency: the core's metrics are not JSON: %s", jerr.text);
+    } else {
+        pn_log_warn("outbound latency: the core's metrics endpoint did not answer (%d)",
+                    req ? evhttp_request_get_response_code(req) : 0);
+    }
+    latency_answer(op, vars);
+    json_decref(vars);
+    /* The connection cannot be freed inside its own callback. */
+    op->latency_cb = NULL;
+    op_defer(op, latency_finish);
+}
+
+static void latency_empty(evutil_socket_t fd, short what, void *arg)
+{
+    struct pn_backend_op *op = arg;
+    latency_answer(op, NULL);
+    op_finish(op);
+}
+
+int pn_backend_latency(struct pn_backend *b, const char *name, pn_backend_latency_cb cb,
+                       void *arg, struct pn_backend_op **opp)
+{
+    struct pn_backend_op *op = op_new(b, OP_LATENCY, arg);
+    op->latency_cb = cb;
+    op->pattern = pn_strdup(name ? name : ""); /* the tag filter */
+    if (opp)
+        *opp = op;
+    struct pn_core_gen *gen = b->sup ? pn_supervisor_active(b->sup) : NULL;
+    const struct pn_coreconf *c = gen_conf(gen);
+    if (!c || !c->metrics_port || !c->has_observatory) {
+        op_defer(op, latency_empty);
+        return PN_OK;
+    }
+    op->noise = strv_dup((const char *const *)c->noise_outbounds, c->nnoise_outbounds);
+    op->nnoise = c->nnoise_outbounds;
+    op->http = evhttp_connection_base_new(b->base, NULL, "127.0.0.1", c->metrics_port);
+    evhttp_connection_set_timeout(op->http, 5);
+    struct evhttp_request *req = evhttp_request_new(latency_reply, op);
+    evhttp_add_header(evhttp_request_get_output_headers(req), "Host", "127.0.0.1");
+    if (evhttp_make_request(op->http, req, EVHTTP_REQ_GET, "/debug/vars") < 0)
+        op_defer(op, latency_empty); /* libevent freed req */
+    return PN_OK;
+}
+
 /* ---- system stats ----------------------------------------------------------------------- */
 
 void pn_backend_system_stats(const struct pn_backend *b, struct pn_sysstats *out,
@@ -1516,6 +1658,7 @@ void pn_backend_free(struct pn_backend *b)
 {
     if (!b)
         return;
+    b->freeing = true;
     pn_supervisor_free(b->sup); /* kills the cores; no callbacks */
     pn_core_probe_cancel(b->probe);
     while (b->ops)

@@ -164,6 +164,21 @@ typedef void (*pn_backend_online_cb)(int rv, int grpc_code, const char *err, int
 int pn_backend_online(struct pn_backend *b, const char *email, bool ip_list,
                       pn_backend_online_cb cb, void *arg, struct pn_backend_op **op);
 
+/* Outbound latencies from the core's observatory (Xray's metrics endpoint
+ * /debug/vars), one per outbound, filtered by tag when name is non-empty,
+ * sorted by tag, blackhole/dns/loopback outbounds left out. Empty without a
+ * core, metrics or observatory (always on v2ray), and when the endpoint
+ * cannot be read (logged): never an error. */
+struct pn_backend_latency {
+    const char *tag;
+    bool alive;
+    int64_t delay, last_seen_time, last_try_time;
+};
+typedef void (*pn_backend_latency_cb)(const struct pn_backend_latency *items, size_t n,
+                                      void *arg);
+int pn_backend_latency(struct pn_backend *b, const char *name, pn_backend_latency_cb cb,
+                       void *arg, struct pn_backend_op **op);
+
 /* Host statistics (latest sample) and the core's uptime in seconds. */
 void pn_backend_system_stats(const struct pn_backend *b, struct pn_sysstats *out,
                              uint64_t *core_uptime_s);

@@ -419,8 +419,13 @@ static int scan_outbounds(struct build *b)
         if (!*tag)
             continue;
         bool blackhole = strcasecmp(proto, "blackhole") == 0;
-        if (blackhole || strcasecmp(proto, "dns") == 0 || strcasecmp(proto, "loopback") == 0)
+        if (blackhole || strcasecmp(proto, "dns") == 0 || strcasecmp(proto, "loopback") == 0) {
             b->noise_tags[b->nnoise++] = tag;
+            b->out->noise_outbounds =
+                pn_realloc(b->out->noise_outbounds,
+                           (b->out->nnoise_outbounds + 1) * sizeof *b->out->noise_outbounds);
+            b->out->noise_outbounds[b->out->nnoise_outbounds++] = pn_strdup(tag);
+        }
         if (blackhole && (!b->blackhole_tag || strcmp(tag, b->blackhole_tag) < 0)) {
             free(b->blackhole_tag);
             b->blackhole_tag = pn_strdup(tag);
@@ -996,6 +1001,9 @@ void pn_coreconf_free(struct pn_coreconf *c)
         free(c->inbounds[i].single_email);
     }
     free(c->inbounds);
+    for (size_t i = 0; i < c->nnoise_outbounds; i++)
+        free(c->noise_outbounds[i]);
+    free(c->noise_outbounds);
     memset(c, 0, sizeof *c);
 }
 

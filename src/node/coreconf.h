@@ -49,6 +49,8 @@ struct pn_coreconf {
     bool has_observatory;    /* observatory or burstObservatory present (Xray) */
     bool stats_user_online;  /* policy level 0 has statsUserOnline (Xray) */
     uint16_t metrics_port;   /* 0 when no metrics listener */
+    char **noise_outbounds;  /* blackhole, dns and loopback outbound tags: no latency */
+    size_t nnoise_outbounds;
 };
 
 struct pn_coreconf_opts {

@@ -505,6 +505,41 @@ def _unknown_handler(fake):
     return Unknown()
 
 
+def serve_metrics(cfg, directory):
+    """Xray's expvar endpoint, as far as the node reads it: GET /debug/vars
+    on the config's metrics.listen answers {"observatory": ...} with what a
+    test wrote into <dir>/observatory.json ({} when absent)."""
+    listen = (cfg.get("metrics") or {}).get("listen")
+    if not listen:
+        return
+    import http.server
+    import threading
+    host, port = listen.rsplit(":", 1)
+
+    class Vars(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            if self.path != "/debug/vars":
+                self.send_error(404)
+                return
+            try:
+                with open(os.path.join(directory, "observatory.json")) as f:
+                    obs = json.load(f)
+            except FileNotFoundError:
+                obs = {}
+            body = json.dumps({"cmdline": ["xray"], "observatory": obs}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *a):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer((host, int(port)), Vars)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+
+
 def serve(args):
     from concurrent import futures
     import grpc
@@ -529,6 +564,7 @@ def serve(args):
         print(f"Failed to start: fake xray: failed to listen on 127.0.0.1:{port}", flush=True)
         sys.exit(23)
     server.start()
+    serve_metrics(cfg, directory)
     cur = os.path.join(directory, "current.json")
     with open(cur + ".tmp", "w") as f:
         json.dump({"pid": os.getpid(), "port": bound, "config": os.path.abspath(args.config)}, f)

@@ -2,6 +2,7 @@
 §8, §18 cases 11-15; DESIGN "Core process", "Keep-alive", "Counters"):
 the real /usr/bin/v2ray behind the node, real traffic through a second
 v2ray, and the core processes checked in /proc."""
+import json
 import os
 import re
 import socket
@@ -11,7 +12,7 @@ import grpc
 import pytest
 
 from pnclient import assert_text_error
-from pncore import (ALL_TAGS, USERS, VLESS, VMESS, TROJAN, Panel, Site, alive, assert_user_counts,
+from pncore import (ALL_TAGS, SS, USERS, VLESS, VMESS, TROJAN, Panel, Site, alive, assert_user_counts,
                     cmdline, core_pids, download_ok, download_refused, panel_config, reset_all,
                     wait_for)
 from pnnode import NODE_VERSION, T, V2RAY_VERSION, free_port
@@ -259,3 +260,70 @@ def test_keepalive_stops_core_when_asked(pb, tmp_path):
         s.start(["1"])
     finally:
         s.close()
+
+
+def test_v2ray_generated_config(pb, tmp_path):
+    """Spec §9/§10 and cores.md §7 for v2ray 4.34, read from the config the
+    node writes with DEBUG=true: the API inbound and rule, geoip:private
+    expanded (Debian's v2ray has no geoip.dat), no Xray-only keys even when
+    the panel sends them, vless `decryption: none` without flow, vmess
+    alterId 0, the single shadowsocks user at the top level."""
+    gen = tmp_path / "generated"
+    s = Site(tmp_path / "site", pb, env={"DEBUG": "true", "GENERATED_CONFIG_PATH": str(gen)})
+    try:
+        panel = s.config(online=True)
+        panel["metrics"] = {"tag": "metric", "listen": "127.0.0.1:1"}
+        panel["burstObservatory"] = {"subjectSelector": ["DIRECT"]}
+        s.start(["2", "1"], config=panel)
+        with open(gen / "xray.json") as f:
+            cfg = json.load(f)
+        ins = {i["tag"]: i for i in cfg["inbounds"]}
+        assert cfg["inbounds"][0]["tag"] == "API_INBOUND"
+        assert cfg["inbounds"][0]["listen"] == "127.0.0.1"
+        assert cfg["inbounds"][0]["protocol"] == "dokodemo-door"
+        assert cfg["routing"]["rules"][0]["inboundTag"] == ["API_INBOUND"]
+        assert "geoip:" not in json.dumps(cfg).lower()
+        for key in ("metrics", "burstObservatory", "transport"):
+            assert key not in cfg, key
+        assert "statsUserOnline" not in json.dumps(cfg["policy"]), cfg["policy"]
+        lvl = cfg["policy"]["levels"]["0"]
+        assert lvl["statsUserUplink"] is True and lvl["statsUserDownlink"] is True
+        vl = ins[VLESS]["settings"]
+        assert vl["decryption"] == "none" and all("flow" not in c for c in vl["clients"]), vl
+        assert sorted(c["email"] for c in vl["clients"]) == ["1", "2"]
+        vm = ins[VMESS]["settings"]["clients"]
+        assert all(c["alterId"] == 0 for c in vm), vm
+        ss = ins[SS]["settings"]
+        assert "clients" not in ss or ss["clients"] == [], ss
+        assert (ss["email"], ss["password"], ss["level"]) == ("1", "pw-1", 0), ss
+        assert ss["method"] in ("chacha20-ietf-poly1305", "chacha20-poly1305"), ss
+        assert cfg["log"].get("access", "") == "" and cfg["log"].get("error", "") == ""
+    finally:
+        s.close()
+
+
+def test_rest_start(site, pb):
+    """POST /start (spec §6.1, §7.1): a Backend body starts the core and
+    answers a BaseInfoResponse; an undecodable body is 400; a config that is
+    not JSON, or that the core refuses, is 503 with the error text, and the
+    running core keeps serving."""
+    body = pb.Backend(config=json.dumps(site.config()), users=site.users(["1", "2"]))
+    r = site.panel.rest("POST", "/start", body, timeout=T(30))
+    assert r.status_code == 200 and r.headers["Content-Type"] == "application/x-protobuf", \
+        (r.status_code, r.text)
+    info = pb.BaseInfoResponse.FromString(r.content)
+    assert (info.started, info.core_version) == (True, V2RAY_VERSION), info
+    pid = site.core()
+    r = site.panel.rest("POST", "/start", b"\x12\x10abc")
+    assert r.status_code == 400 and r.text.endswith("\n"), (r.status_code, r.text)
+    assert r.headers["Content-Type"] == "text/plain; charset=utf-8"
+    r = site.panel.rest("POST", "/start", pb.Backend(config='{\n  "inbounds": [,]\n}'))
+    assert r.status_code == 503 and re.search(r"line 2\D+column \d+", r.text), \
+        (r.status_code, r.text)
+    cfg = site.config()
+    cfg["outbounds"].append({"protocol": "nosuchproto", "tag": "WEIRD"})
+    r = site.panel.rest("POST", "/start", pb.Backend(config=json.dumps(cfg)), timeout=T(30))
+    assert r.status_code == 503 and "nosuchproto" in r.text, (r.status_code, r.text)
+    assert core_pids(site.node) == [pid]
+    c = site.client({"v": (VLESS, "2")})
+    download_ok(c.socks["v"], site.url(), site.size(), "after failed REST Starts")

@@ -164,3 +164,46 @@ def test_bulk_sync_keeps_open_download(site, pb):
     download_ok(c.socks["new"], site.url(), site.size(), "a user SyncUsers added")
     download_ok(c.socks["chunk"], site.url(), site.size(), "a user SyncUsersChunked added")
     site.start(["1", "2"])  # back to a small set for the other tests
+
+
+def test_single_user_shadowsocks_change_by_handover(site, pb):
+    """DESIGN "Shadowsocks on v2ray 4.34": v2ray's shadowsocks inbound holds
+    one user and takes no AddUser, so a change to that user is applied by a
+    zero-drop handover: an open download on the old password completes in
+    full and is counted, the new password works, the old one is refused;
+    when the holder leaves the inbound, the next user takes the slot."""
+    site.start(["1", "2"])
+    old_pw = {"password": "pw-1"}
+    new_pw = {"password": "pw-1-new"}
+    c = site.client({"old": (SS, "1", old_pw), "new": (SS, "1", new_pw), "two": (SS, "2")})
+    download_ok(c.socks["old"], site.url(), site.size(), "shadowsocks user 1 (old password)")
+    # a wrong shadowsocks password is drained, not closed: short timeouts
+    download_refused(c.socks["new"], site.url(), "the new password before the change",
+                     max_time=2)
+    reset_all(site.panel)
+    rate = (4 << 20) // (3 if SANITIZE else 1)  # ~3 s (9 s under sanitizers)
+    dl = curl_bg(c.socks["old"], site.url("big"), limit_rate=rate, max_time=T(60))
+    try:
+        assert site.panel.sync_user(make_user(pb, "1", password="pw-1-new")) == pb.Empty()
+        # the change is in effect when SyncUser answers (no window in which
+        # the old core still takes new connections with the old account)
+        download_ok(c.socks["new"], site.url(), site.size(),
+                    "shadowsocks user 1 (new password) right after SyncUser answered")
+        assert dl.running(), "the download finished before the change was applied: the test " \
+                             "proved nothing"
+        rc, code, got, err = dl.wait(T(60))
+    finally:
+        dl.kill()
+    assert (rc, code, got) == (0, 200, BIG), \
+        f"the open shadowsocks download broke during the handover: curl rc {rc}, HTTP {code}, " \
+        f"{got}/{BIG} bytes, {err.strip()}"
+    download_refused(c.socks["old"], site.url(), "the old shadowsocks password after the change",
+                     max_time=2)
+    site.panel.settled_traffic("1", BIG + site.size())
+    st = site.panel.stats(USER, "1", reset=True)
+    assert_user_counts(st, "1", BIG + site.size(), slack=4096, what="across the handover")
+    # user 1 leaves the shadowsocks inbound: user 2 takes the slot
+    assert site.panel.sync_user(make_user(pb, "1", inbounds=[VLESS])) == pb.Empty()
+    download_ok(c.socks["two"], site.url(), site.size(), "shadowsocks user 2 after user 1 left")
+    download_refused(c.socks["new"], site.url(), "user 1 after leaving the shadowsocks inbound",
+                     max_time=2)

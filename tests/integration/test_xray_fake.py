@@ -93,7 +93,7 @@ def fake(pb, tmp_path_factory):
     """(site, fake dir): a node whose core is the fake Xray."""
     d = tmp_path_factory.mktemp("xray")
     exe = make_fake_core(str(d / "fakecore"))
-    s = Site(d, pb, core=exe, tags=())
+    s = Site(d, pb, core=exe, tags=(), env={"PROXYNODE_STATS_BANK_INTERVAL": "1"})
     fd = FakeCoreDir(str(d / "fakecore"))
     yield s, fd
     assert s.node.alive(), "the node died during the tests\n" + s.node.describe()
@@ -497,3 +497,91 @@ def test_second_start_replaces_fake_core(fake, pb):
     site.panel.backend_stats()
     removed = [r for r in fd.records()[since:] if r["path"].endswith("/RemoveInbound")]
     assert all(r["path"].startswith("/xray.") for r in removed), removed
+
+
+def test_core_crash_restart_replays_users(fake, pb):
+    """fake Xray: behaviour from source, not verified against a real Xray.
+    kill -9 of the core: while the node restarts it (the fake takes ~0.2 s
+    to serve) GetBackendStats says `core is not started yet` (case 29); the
+    restarted core's config carries the users added at runtime, and the
+    counters banked before the crash are still answered."""
+    import signal
+    site, fd = fake
+    cur = start(site, fd)
+    site.panel.sync_user(xuser(pb, "60", password="p60", ss_method="aes-128-gcm"))
+    site.panel.stats(USERS, reset=True)
+    fd.set(stats={"user>>>60>>>traffic>>>downlink": 777})
+    assert site.panel.user_traffic("60") == (0, 777)
+    time.sleep(2.5)  # a bank (every 1 s here) has moved the 777 into the node's ledger
+    os.kill(cur["pid"], signal.SIGKILL)
+    wait_for(lambda: not os.path.exists(f"/proc/{cur['pid']}"), T(5), "the node to reap the core",
+             interval=0.002)
+    code, details = site.panel.error(site.panel.backend_stats)
+    assert (code, details) == (grpc.StatusCode.UNAVAILABLE, "core is not started yet")
+    rest = site.panel.rest("GET", "/stats/backend")
+    assert (rest.status_code, rest.text) == (503, "core is not started yet\n"), \
+        (rest.status_code, rest.text)
+    new = wait_for(lambda: (lambda c: c if c and c["pid"] != cur["pid"] else None)(fd.current()),
+                   T(15), "the restarted fake core")
+    wait_for(lambda: _ok(site.panel.backend_stats), T(10), "the restarted core to answer")
+    assert core_pids(site.node) == [new["pid"]]
+    cfg = fd.config()
+    for tag in USER_TAGS:
+        ib = [i for i in cfg["inbounds"] if i["tag"] == tag][0]
+        assert "60" in {c["email"] for c in ib["settings"]["clients"]}, (tag, ib)
+    ss = [c for i in cfg["inbounds"] if i["tag"] == SS for c in i["settings"]["clients"]
+          if c["email"] == "60"][0]
+    assert (ss["password"], ss["method"]) == ("p60", "aes-128-gcm"), ss
+    assert "60" in fd.dump()["inbounds"][VLESS]["users"]
+    assert site.panel.user_traffic("60", reset=True) == (0, 777)
+    assert site.panel.user_traffic("60") == (0, 0)
+
+
+def test_outbound_latency_from_observatory(fake, pb):
+    """fake Xray: behaviour from source, not verified against a real Xray.
+    GetOutboundsLatency reads the observatory from the core's metrics
+    endpoint (spec §12.4): one Latency per outbound, sorted by tag, the
+    blackhole outbound left out, link = tag, source "xray-observatory",
+    filtered by name; empty without an observatory."""
+    site, fd = fake
+    cfg = xray_config()
+    start(site, fd, config=cfg)
+    assert not list(site.panel.call("GetOutboundsLatency", pb.LatencyRequest(),
+                                    pb.LatencyResponse).latencies), "no observatory: empty"
+    cfg = xray_config()
+    cfg["outbounds"].insert(0, {"protocol": "vless", "tag": "PROXY-B", "settings": {}})
+    cfg["outbounds"].insert(0, {"protocol": "vless", "tag": "PROXY-A", "settings": {}})
+    cfg["observatory"] = {"subjectSelector": ["PROXY", "BLOCK"], "probeInterval": "1m"}
+    start(site, fd, config=cfg)
+    obs = {"PROXY-B": {"alive": False, "delay": 99999999, "outbound_tag": "PROXY-B",
+                       "last_seen_time": 0, "last_try_time": 1700000100},
+           "BLOCK": {"alive": True, "delay": 1, "outbound_tag": "BLOCK",
+                     "last_seen_time": 1700000000, "last_try_time": 1700000000},
+           "PROXY-A": {"alive": True, "delay": 120, "outbound_tag": "PROXY-A",
+                       "last_seen_time": 1700000050, "last_try_time": 1700000060}}
+    with open(os.path.join(fd.dir, "observatory.json"), "w") as f:
+        json.dump(obs, f)
+    try:
+        got = site.panel.call("GetOutboundsLatency", pb.LatencyRequest(),
+                              pb.LatencyResponse).latencies
+        assert [(x.name, x.link, x.alive, x.delay, x.last_seen_time, x.last_try_time, x.source)
+                for x in got] == [
+            ("PROXY-A", "PROXY-A", True, 120, 1700000050, 1700000060, "xray-observatory"),
+            ("PROXY-B", "PROXY-B", False, 99999999, 0, 1700000100, "xray-observatory")], got
+        one = site.panel.call("GetOutboundsLatency", pb.LatencyRequest(name="PROXY-B"),
+                              pb.LatencyResponse).latencies
+        assert [x.name for x in one] == ["PROXY-B"], one
+        r = site.panel.rest("GET", "/stats/latency", pb.LatencyRequest().SerializeToString())
+        assert r.status_code == 200, (r.status_code, r.content)
+        assert [x.name for x in pb.LatencyResponse.FromString(r.content).latencies] == \
+            ["PROXY-A", "PROXY-B"]
+    finally:
+        os.unlink(os.path.join(fd.dir, "observatory.json"))
+
+
+def _ok(fn):
+    try:
+        fn()
+        return True
+    except grpc.RpcError:
+        return False
