@@ -1676,18 +1676,13 @@ static const struct pn_grpc_method methods[RPC_COUNT] = {
     [RPC_GET_USER_STATS] = UNARY("GetUserStats"),
 };
 
-/* Unary and server-streaming methods: the shared handler by path. */
+/* Unary and server-streaming methods: the shared handler of the method's
+ * table row (every such row has one). */
 static void grpc_unary(struct pn_grpc_call *call, const uint8_t *msg, size_t len)
 {
     struct pn_pasarguard *pg = pn_grpc_call_service_arg(call);
-    const char *path = pn_grpc_call_path(call);
-    for (size_t i = 0; i < RPC_COUNT; i++) {
-        if (impls[i].handler && strcmp(methods[i].path, path) == 0) {
-            impls[i].handler(pg, (struct reply){.call = call}, msg, len);
-            return;
-        }
-    }
-    pn_grpc_call_finish(call, PN_GRPC_UNIMPLEMENTED, "method not implemented");
+    size_t i = (size_t)(pn_grpc_call_method(call) - methods);
+    impls[i].handler(pg, (struct reply){.call = call}, msg, len);
 }
 
 /* Auth before anything else, unknown methods included (spec §7.2); then

@@ -246,6 +246,11 @@ const char *pn_grpc_call_path(const struct pn_grpc_call *call)
     return call->path;
 }
 
+const struct pn_grpc_method *pn_grpc_call_method(const struct pn_grpc_call *call)
+{
+    return call->m;
+}
+
 const char *pn_grpc_call_metadata(const struct pn_grpc_call *call, const char *key)
 {
     for (size_t i = 0; i < call->nmd; i++)

@@ -66,8 +66,9 @@ struct pn_grpc_service {
     size_t nmethods;
     /* Runs when a call's headers arrived, before any handler. Returns true
      * to proceed; to refuse, it calls pn_grpc_call_finish (trailers-only)
-     * and returns false. Optional. Unknown paths are refused with
-     * UNIMPLEMENTED `unknown method <path>` after intercept. */
+     * and returns false. Optional. Unknown paths are refused after
+     * intercept with UNIMPLEMENTED in grpc-go's words: `unknown service
+     * <svc>` or `unknown method <m> for service <svc>`. */
     bool (*intercept)(struct pn_grpc_call *call, const struct pn_grpc_method *m);
     void *arg;          /* pn_grpc_call_service_arg() */
     size_t max_message; /* RESOURCE_EXHAUSTED past this (64 MiB) */
@@ -75,6 +76,9 @@ struct pn_grpc_service {
 
 /* --- per-call accessors --- */
 const char *pn_grpc_call_path(const struct pn_grpc_call *call);
+/* The method table entry the call was dispatched to (NULL for unknown
+ * paths, which never reach a handler). */
+const struct pn_grpc_method *pn_grpc_call_method(const struct pn_grpc_call *call);
 /* First value of a request header / metadata key (lower-case); NULL if none. */
 const char *pn_grpc_call_metadata(const struct pn_grpc_call *call, const char *key);
 const struct pn_peer *pn_grpc_call_peer(const struct pn_grpc_call *call);

@@ -1354,41 +1354,32 @@ static int online_code(const struct pn_coreapi_result *r)
     return r->grpc_code ? r->grpc_code : 14;
 }
 
-static void online_count_reply(const struct pn_coreapi_result *r, int64_t value, void *arg)
+/* Both online calls end here: success, NotFound, or the core's error. */
+static void online_reply(struct pn_backend_op *op, const struct pn_coreapi_result *r,
+                         int64_t value, const struct pn_core_online_ip *ips, size_t n)
 {
-    struct pn_backend_op *op = arg;
-    if (r->rv == PN_OK) {
-        if (!op->detached)
-            op->online_cb(PN_OK, 0, NULL, value, NULL, 0, op->arg);
-        op_finish(op);
-        return;
-    }
-    if (online_code(r) == 5) {
+    if (r->rv != PN_OK && online_code(r) == 5) {
         online_not_found(op);
         return;
     }
-    if (!op->detached)
-        op->online_cb(r->rv, online_code(r), r->message, 0, NULL, 0, op->arg);
+    if (!op->detached) {
+        if (r->rv == PN_OK)
+            op->online_cb(PN_OK, 0, NULL, value, ips, n, op->arg);
+        else
+            op->online_cb(r->rv, online_code(r), r->message, 0, NULL, 0, op->arg);
+    }
     op_finish(op);
+}
+
+static void online_count_reply(const struct pn_coreapi_result *r, int64_t value, void *arg)
+{
+    online_reply(arg, r, value, NULL, 0);
 }
 
 static void online_ips_reply(const struct pn_coreapi_result *r,
                              const struct pn_core_online_ip *ips, size_t n, void *arg)
 {
-    struct pn_backend_op *op = arg;
-    if (r->rv == PN_OK) {
-        if (!op->detached)
-            op->online_cb(PN_OK, 0, NULL, (int64_t)n, ips, n, op->arg);
-        op_finish(op);
-        return;
-    }
-    if (online_code(r) == 5) {
-        online_not_found(op);
-        return;
-    }
-    if (!op->detached)
-        op->online_cb(r->rv, online_code(r), r->message, 0, NULL, 0, op->arg);
-    op_finish(op);
+    online_reply(arg, r, (int64_t)n, ips, n);
 }
 
 int pn_backend_online(struct pn_backend *b, const char *email, bool ip_list,
