@@ -1,17 +1,20 @@
 #!/usr/bin/env bash
 # Installs the Debian bookworm packages proxynode needs, only those missing.
-# Usage: scripts/deps.sh build|test|run
-# build: compile; test: also the test clients and tools; run: build + a core.
+# Usage: scripts/deps.sh build|test|run|bench
+# build: compile; test: also the test clients and tools; run: build + a core;
+# bench: build + the benchmark clients and tools (make bench).
 set -euo pipefail
 want=(cmake make gcc pkg-config libssl-dev libevent-dev libnghttp2-dev libhttp-parser-dev
       libwslay-dev libprotobuf-c-dev protobuf-c-compiler libjansson-dev openssl)
 case "${1:-build}" in
   test) want+=(libcmocka-dev protobuf-compiler python3 python3-pytest python3-grpcio
                python3-protobuf python3-requests python3-h2 python3-websockets curl v2ray
-               nghttp2-client wrk iproute2 clang) ;;
+               nghttp2-client wrk iproute2 clang libclang-rt-14-dev) ;;
+  bench) want+=(protobuf-compiler python3 python3-grpcio python3-protobuf python3-h2 v2ray
+                nghttp2-client wrk) ;;
   run) ;;
   build) ;;
-  *) echo "usage: $0 build|test|run" >&2; exit 2 ;;
+  *) echo "usage: $0 build|test|run|bench" >&2; exit 2 ;;
 esac
 missing=()
 for p in "${want[@]}"; do
