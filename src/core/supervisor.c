@@ -46,10 +46,10 @@
 #include "base/time.h"
 #include "core/coreapi.h"
 
-extern char **environ;
 
-#define LINE_MAX_LEN 16384  /* longer lines are cut */
+#define LINE_MAX_LEN 65536  /* longer lines go out in parts (marzban.md §4) */
 #define POLL_MS 75          /* readiness poll period */
+#define FAST_POLL_MS 2      /* first readiness poll; doubles up to POLL_MS */
 #define POLL_TIMEOUT_MS 500 /* one GetSysStats */
 #define MARKER_GRACE_MS 250 /* a marker line, then an exit within this, is an exit */
 #define DRAIN_CHECK_MS 1000 /* how often a retired core's connections are counted */
@@ -86,6 +86,8 @@ struct pn_core_gen {
     int status;
     int pid_fd, in_fd, out_fd;
     struct event *ev_exit, *ev_in, *ev_out, *ev_tick, *ev_deadline, *ev_grace;
+    struct event *ev_fast; /* the readiness ramp right after spawn */
+    unsigned fast_ms;
     uint16_t api_port;
     struct pn_coreapi *api;
     uint64_t started_ms;
@@ -183,6 +185,7 @@ static void gen_quiesce(struct pn_core_gen *g)
     del_event(g->ev_in);
     del_event(g->ev_out);
     del_event(g->ev_tick);
+    del_event(g->ev_fast);
     del_event(g->ev_deadline);
     del_event(g->ev_grace);
     if (g->in_fd >= 0) {
@@ -222,6 +225,8 @@ static void gen_free(struct pn_core_gen *g)
         event_free(g->ev_out);
     if (g->ev_tick)
         event_free(g->ev_tick);
+    if (g->ev_fast)
+        event_free(g->ev_fast);
     if (g->ev_deadline)
         event_free(g->ev_deadline);
     if (g->ev_grace)
@@ -303,6 +308,8 @@ static bool is_failure_line(const char *line)
 
 static void on_grace(evutil_socket_t fd, short what, void *arg);
 
+static void poll_ready(struct pn_core_gen *g);
+
 /* One complete line: to the owner, to the last-line slot, and while
  * starting to the tail and the marker scan. */
 static void emit_line(struct pn_core_gen *g)
@@ -327,22 +334,56 @@ static void emit_line(struct pn_core_gen *g)
             struct timeval tv = ms_tv(MARKER_GRACE_MS);
             evtimer_add(g->ev_grace, &tv);
         }
+        /* `V2Ray 4.34.0 started` / `Xray 26.7.28 started`: ask now. */
+        if (strstr(g->line, " started"))
+            poll_ready(g);
     }
     if (sup->o.on_line)
         sup->o.on_line(g, g->line, len, sup->o.arg);
 }
 
-/* Splits output bytes into lines; a line over LINE_MAX_LEN keeps its first
- * LINE_MAX_LEN bytes and the rest up to the newline is dropped. */
+/* A line reached LINE_MAX_LEN without its newline: send what we have as a
+ * line of its own, cut on a UTF-8 character boundary, and keep the bytes of
+ * a character split by the limit for the next part. */
+static void emit_part(struct pn_core_gen *g)
+{
+    size_t len = g->line_len, start = len;
+    while (start > 0 && len - start < 3 && ((unsigned char)g->line[start - 1] & 0xC0) == 0x80)
+        start--;
+    size_t cut = len;
+    if (start > 0) {
+        unsigned char lead = (unsigned char)g->line[start - 1];
+        size_t need = lead >= 0xF0 ? 4 : lead >= 0xE0 ? 3 : lead >= 0xC0 ? 2 : 1;
+        if (need > len - (start - 1))
+            cut = start - 1; /* that character continues in the next read */
+    }
+    char tail[4];
+    size_t tn = len - cut;
+    memcpy(tail, g->line + cut, tn);
+    g->line_len = cut;
+    emit_line(g);
+    memcpy(g->line, tail, tn);
+    g->line_len = tn;
+}
+
+/* Splits output bytes into lines; a line longer than LINE_MAX_LEN goes out
+ * in parts of at most LINE_MAX_LEN bytes, nothing dropped. */
 static void feed_output(struct pn_core_gen *g, const char *p, size_t n)
 {
     while (n > 0) {
         const char *nl = memchr(p, '\n', n);
         size_t seg = nl ? (size_t)(nl - p) : n;
         size_t room = LINE_MAX_LEN - g->line_len;
-        size_t take = seg < room ? seg : room;
-        memcpy(g->line + g->line_len, p, take);
-        g->line_len += take;
+        if (seg > room) {
+            memcpy(g->line + g->line_len, p, room);
+            g->line_len += room;
+            p += room;
+            n -= room;
+            emit_part(g);
+            continue;
+        }
+        memcpy(g->line + g->line_len, p, seg);
+        g->line_len += seg;
         if (!nl)
             return;
         emit_line(g);
@@ -507,6 +548,7 @@ fail:
 static void on_exit_ev(evutil_socket_t fd, short what, void *arg);
 static void on_tick(evutil_socket_t fd, short what, void *arg);
 static void on_deadline(evutil_socket_t fd, short what, void *arg);
+static void on_fast_poll(evutil_socket_t fd, short what, void *arg);
 
 /* Builds the config and starts the process of a new generation, with its
  * pipes, pidfd, API client and start timers. Returns PN_OK, PN_ERR_INVAL
@@ -525,16 +567,11 @@ static int gen_spawn(struct pn_core_gen *g, char *err, size_t errlen)
                          cerr[0] ? cerr : "cannot build the core config");
     g->config_len = clen;
 
-    /* Everything the child needs is allocated before fork. */
-    size_t n = 0;
-    for (char **e = environ; e && *e; e++)
-        n++;
-    char **envp = pn_calloc(n + 3, sizeof *envp);
+    /* Everything the child needs is allocated before fork. The core gets
+     * only the asset locations (marzban.md §13 case 29): nothing of the
+     * node's environment (API_KEY, paths) leaks into it. */
+    char **envp = pn_calloc(3, sizeof *envp);
     size_t k = 0;
-    for (char **e = environ; e && *e; e++)
-        if (strncmp(*e, "XRAY_LOCATION_ASSET=", 20) != 0 &&
-            strncmp(*e, "V2RAY_LOCATION_ASSET=", 21) != 0)
-            envp[k++] = *e;
     char *xenv = NULL, *venv = NULL;
     if (sup->assets) {
         envp[k++] = xenv = pn_asprintf("XRAY_LOCATION_ASSET=%s", sup->assets);
@@ -602,6 +639,8 @@ static int gen_spawn(struct pn_core_gen *g, char *err, size_t errlen)
     g->ev_in = event_new(base, g->in_fd, EV_WRITE | EV_PERSIST, on_stdin, g);
     g->ev_out = event_new(base, g->out_fd, EV_READ | EV_PERSIST, on_output, g);
     g->ev_tick = event_new(base, -1, EV_PERSIST, on_tick, g);
+    g->ev_fast = evtimer_new(base, on_fast_poll, g);
+    g->fast_ms = FAST_POLL_MS;
     g->ev_deadline = evtimer_new(base, on_deadline, g);
     g->ev_grace = evtimer_new(base, on_grace, g);
     g->api = pn_coreapi_new(base, g->api_port, sup->o.kind);
@@ -610,6 +649,8 @@ static int gen_spawn(struct pn_core_gen *g, char *err, size_t errlen)
     event_add(g->ev_in, NULL);
     event_add(g->ev_out, NULL);
     event_add(g->ev_tick, &poll);
+    struct timeval fast = ms_tv(g->fast_ms);
+    evtimer_add(g->ev_fast, &fast);
     evtimer_add(g->ev_deadline, &deadline);
     pn_log_debug("core: generation %llu started as pid %d (api port %u)", (unsigned long long)g->id,
                  (int)pid, g->api_port);
@@ -794,15 +835,35 @@ static void on_sys(const struct pn_coreapi_result *r, const struct pn_core_sys_s
 
 /* Readiness poll while starting (one call in flight at a time); the
  * connection check while draining. */
+/* Asks the API whether the core is ready (one question at a time). */
+static void poll_ready(struct pn_core_gen *g)
+{
+    if (g->state != GEN_STARTING || g->polling || g->ready)
+        return;
+    g->polling = true;
+    if (pn_coreapi_sys_stats(g->api, POLL_TIMEOUT_MS, on_sys, g) != PN_OK)
+        g->polling = false;
+}
+
+/* A core is usually ready within milliseconds: poll at 2, 4, 8 ... ms
+ * after spawn until the regular period takes over, so Start does not pay
+ * a whole period of waiting. */
+static void on_fast_poll(evutil_socket_t fd, short what, void *arg)
+{
+    struct pn_core_gen *g = arg;
+    poll_ready(g);
+    g->fast_ms *= 2;
+    if (g->state == GEN_STARTING && g->fast_ms < POLL_MS) {
+        struct timeval tv = ms_tv(g->fast_ms);
+        evtimer_add(g->ev_fast, &tv);
+    }
+}
+
 static void on_tick(evutil_socket_t fd, short what, void *arg)
 {
     struct pn_core_gen *g = arg;
     if (g->state == GEN_STARTING) {
-        if (g->polling || g->ready)
-            return;
-        g->polling = true;
-        if (pn_coreapi_sys_stats(g->api, POLL_TIMEOUT_MS, on_sys, g) != PN_OK)
-            g->polling = false;
+        poll_ready(g);
     } else if (g->state == GEN_DRAINING) {
         int n = count_conns(g->pid, g->api_port);
         if (n == 0)

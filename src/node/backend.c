@@ -24,6 +24,7 @@
 #include <jansson.h>
 #include <fcntl.h>
 #include <ifaddrs.h>
+#include <malloc.h>
 #include <net/if.h>
 #include <netinet/in.h>
 #include <stdarg.h>
@@ -50,6 +51,7 @@
 #define TICK_MS 1000
 #define SYSSTATS_EVERY_TICKS 2
 #define MAX_INFLIGHT 512 /* core API calls one sync keeps in flight */
+#define BIG_CHANGE 1000  /* syncs this large give freed memory back */
 
 /* ---- types ------------------------------------------------------------------ */
 
@@ -117,7 +119,10 @@ struct pn_backend_op {
     char err[512];
     char *pattern;
     bool reset;
-    struct pn_ledger *acc; /* non-reset stats accumulator */
+    struct pn_ledger *acc;        /* non-reset stats from several generations */
+    struct pn_backend_stats *out; /* non-reset stats from one generation, merged as read */
+    size_t out_cap;
+    uint32_t mark;
     char *email;
     bool ip_list;
     bool pumping, completed;
@@ -155,6 +160,7 @@ struct pn_backend {
     struct event *tick;
     unsigned ticks;
     bool banking;
+    uint32_t next_mark; /* ledger marks of non-reset stats merges */
     struct pn_backend_listener *listeners;
 
     struct pn_backend_op *ops;      /* every op not yet finished */
@@ -172,6 +178,14 @@ static void queue_kick(struct pn_backend *b);
 static void op_finish(struct pn_backend_op *op);
 
 /* ---- small helpers -------------------------------------------------------------- */
+
+/* A Start or sync of many users leaves megabytes of freed parse and build
+ * buffers that glibc keeps; hand them back, since a node idles for days
+ * after such a burst (BENCHMARKS.md: 105 MB held, 39 MB in use, at 100k). */
+static void give_back_memory(void)
+{
+    malloc_trim(0);
+}
 
 static void spec_free(struct spec *s)
 {
@@ -429,6 +443,7 @@ static void op_free(struct pn_backend_op *op)
     free(op->email);
     if (op->acc)
         pn_ledger_free(op->acc);
+    pn_backend_stats_free(op->out);
     if (op->ev_defer)
         event_free(op->ev_defer);
     if (op->http)
@@ -584,9 +599,12 @@ static char *build_config(struct pn_core_gen *gen, uint16_t api_port, size_t *le
         return NULL;
     }
     write_debug_config(b, d->conf.json, d->conf.json_len);
-    char *json = pn_malloc(d->conf.json_len + 1);
-    memcpy(json, d->conf.json, d->conf.json_len + 1);
+    /* The text goes to the supervisor (it frees it once written to the
+     * core); the generation keeps only the inbound descriptions. */
+    char *json = d->conf.json;
     *len = d->conf.json_len;
+    d->conf.json = NULL;
+    d->conf.json_len = 0;
     pn_core_gen_set_data(gen, d, gen_data_free);
     return json;
 }
@@ -775,6 +793,7 @@ static void start_done(int rv, const char *err, struct pn_core_gen *gen, void *a
     pn_log_info("core started (pid %d, %zu users)%s", (int)pn_core_gen_pid(gen),
                 pn_backend_user_count(b),
                 took_over ? "; core control was taken away from the previous client" : "");
+    give_back_memory();
     finish_after_retire(op);
 }
 
@@ -1036,6 +1055,8 @@ static void sync_handover_done(int rv, const char *err, struct pn_core_gen *gen,
 static void sync_complete(struct pn_backend_op *op)
 {
     struct pn_backend *b = op->b;
+    if (op->ntasks >= BIG_CHANGE)
+        give_back_memory();
     if (op->add_errors.len)
         op_set_error(op, PN_ERR_PROTO, 13, "%s", (const char *)op->add_errors.data);
     if (op->needs_handover && b->sup && b->state == PN_BACKEND_RUNNING &&
@@ -1109,10 +1130,11 @@ static void sync_run(struct pn_backend_op *op)
         pn_userset_foreach(op->newset, plan_new_user, &p);
     }
     if (op->replace_all) {
-        /* newset becomes the node's set; tasks keep pointing into it. */
+        /* newset becomes the node's set (tasks point into its users, which
+         * stay alive there); the old set is freed with the op. */
         struct pn_userset *old = b->cur.users;
-        b->cur.users = pn_userset_clone(op->newset);
-        pn_userset_free(old);
+        b->cur.users = op->newset;
+        op->newset = old;
     } else {
         pn_userset_foreach(op->newset, apply_partial, b->cur.users);
     }
@@ -1185,16 +1207,21 @@ struct collect_ctx {
     size_t cap;
 };
 
+static void stats_push(struct pn_backend_stats *s, size_t *cap, const char *name, int64_t value)
+{
+    if (s->n == *cap) {
+        *cap = *cap ? *cap * 2 : 64;
+        s->items = pn_realloc(s->items, *cap * sizeof *s->items);
+    }
+    s->items[s->n].name = pn_strdup(name);
+    s->items[s->n].value = value;
+    s->n++;
+}
+
 static void collect_stat(const char *name, int64_t value, void *arg)
 {
     struct collect_ctx *c = arg;
-    if (c->out->n == c->cap) {
-        c->cap = c->cap ? c->cap * 2 : 64;
-        c->out->items = pn_realloc(c->out->items, c->cap * sizeof *c->out->items);
-    }
-    c->out->items[c->out->n].name = pn_strdup(name);
-    c->out->items[c->out->n].value = value;
-    c->out->n++;
+    stats_push(c->out, &c->cap, name, value);
 }
 
 static void add_to_acc(const char *name, int64_t value, void *arg)
@@ -1214,14 +1241,25 @@ static void stats_complete(struct pn_backend_op *op)
     /* With reset, a failed core read still banked what it could: answer
      * from the ledger either way, nothing was lost. Without reset, the sum
      * of the ledger and what the cores reported. */
-    struct pn_backend_stats *s = pn_calloc(1, sizeof *s);
-    struct collect_ctx c = {s, 0};
-    if (op->reset) {
-        s->reset = true;
-        pn_ledger_foreach(b->ledger, op->pattern, collect_stat, &c);
+    struct pn_backend_stats *s;
+    struct collect_ctx c;
+    if (op->out) {
+        /* One generation, merged while reading: add the banked counters the
+         * core no longer has (it restarted since they were banked). */
+        s = op->out;
+        op->out = NULL;
+        c = (struct collect_ctx){s, op->out_cap};
+        pn_ledger_foreach_unmarked(b->ledger, op->pattern, op->mark, collect_stat, &c);
     } else {
-        pn_ledger_foreach(b->ledger, op->pattern, add_to_acc, op->acc);
-        pn_ledger_foreach(op->acc, "", collect_stat, &c);
+        s = pn_calloc(1, sizeof *s);
+        c = (struct collect_ctx){s, 0};
+        if (op->reset) {
+            s->reset = true;
+            pn_ledger_foreach(b->ledger, op->pattern, collect_stat, &c);
+        } else {
+            pn_ledger_foreach(b->ledger, op->pattern, add_to_acc, op->acc);
+            pn_ledger_foreach(op->acc, "", collect_stat, &c);
+        }
     }
     if (!op->detached)
         op->stats_cb(PN_OK, 0, NULL, s, op->arg);
@@ -1243,7 +1281,11 @@ static void stats_read_reply(const struct pn_coreapi_result *r, const struct pn_
                              size_t n, void *arg)
 {
     struct pn_backend_op *op = arg;
-    if (r->rv == PN_OK) {
+    if (r->rv == PN_OK && op->out) {
+        for (size_t i = 0; i < n; i++)
+            stats_push(op->out, &op->out_cap, st[i].name,
+                       st[i].value + pn_ledger_get_mark(op->b->ledger, st[i].name, op->mark));
+    } else if (r->rv == PN_OK) {
         for (size_t i = 0; i < n; i++)
             pn_ledger_add(op->acc, st[i].name, st[i].value);
     } else if (r->rv != PN_ERR_CLOSED) {
@@ -1265,11 +1307,19 @@ int pn_backend_query_stats(struct pn_backend *b, const char *pattern, bool reset
     op->stats_cb = cb;
     op->pattern = pn_strdup(pattern);
     op->reset = reset;
-    op->acc = pn_ledger_new();
     if (opp)
         *opp = op;
     struct pn_core_gen *gens[8];
     size_t n = b->sup ? pn_supervisor_gens(b->sup, gens, 8) : 0;
+    if (!reset && n == 1) {
+        /* The common case merges the reply straight into the answer. */
+        op->out = pn_calloc(1, sizeof *op->out);
+        if (++b->next_mark == 0)
+            b->next_mark = 1;
+        op->mark = b->next_mark;
+    } else if (!reset) {
+        op->acc = pn_ledger_new();
+    }
     op->pending = 1; /* held until every call is issued */
     for (size_t i = 0; i < n; i++) {
         op->pending++;

@@ -24,6 +24,7 @@
 
 struct entry {
     int64_t value;
+    uint32_t mark; /* the last merge that met this entry (pn_ledger_get_mark) */
     size_t len;
     char name[]; /* NUL-terminated, len bytes before the NUL */
 };
@@ -167,6 +168,7 @@ void pn_ledger_add(struct pn_ledger *l, const char *name, int64_t delta)
     }
     e = pn_malloc(sizeof *e + len + 1);
     e->value = delta;
+    e->mark = 0;
     e->len = len;
     memcpy(e->name, name, len + 1);
     l->slots[i].hash = h;
@@ -199,17 +201,28 @@ void pn_ledger_take(struct pn_ledger *l, const char *name, int64_t value)
         e->value -= value;
 }
 
+int64_t pn_ledger_get_mark(struct pn_ledger *l, const char *name, uint32_t mark)
+{
+    size_t len = strlen(name);
+    struct entry *e = l->slots[find_slot(l, name, len, hash_name(name, len))].e;
+    if (!e)
+        return 0;
+    e->mark = mark;
+    return e->value;
+}
+
 /* A linear scan like the core's own QueryStats. The common patterns
  * ("", "user>>>", "outbound>>>") cost one length check and one memcmp per
  * entry; only names that do not start with the pattern fall back to a
- * substring search. Nothing is allocated. */
-void pn_ledger_foreach(const struct pn_ledger *l, const char *pattern,
-                       void (*fn)(const char *name, int64_t value, void *arg), void *arg)
+ * substring search. Nothing is allocated. skip_mark != 0 leaves out the
+ * entries stamped with it. */
+static void foreach_matching(const struct pn_ledger *l, const char *pattern, uint32_t skip_mark,
+                             void (*fn)(const char *name, int64_t value, void *arg), void *arg)
 {
     size_t plen = pattern ? strlen(pattern) : 0;
     for (size_t i = 0; i <= l->mask; i++) {
         const struct entry *e = l->slots[i].e;
-        if (!e)
+        if (!e || (skip_mark && e->mark == skip_mark))
             continue;
         if (plen) {
             if (e->len < plen)
@@ -220,6 +233,18 @@ void pn_ledger_foreach(const struct pn_ledger *l, const char *pattern,
         }
         fn(e->name, e->value, arg);
     }
+}
+
+void pn_ledger_foreach(const struct pn_ledger *l, const char *pattern,
+                       void (*fn)(const char *name, int64_t value, void *arg), void *arg)
+{
+    foreach_matching(l, pattern, 0, fn, arg);
+}
+
+void pn_ledger_foreach_unmarked(const struct pn_ledger *l, const char *pattern, uint32_t mark,
+                                void (*fn)(const char *name, int64_t value, void *arg), void *arg)
+{
+    foreach_matching(l, pattern, mark, fn, arg);
 }
 
 size_t pn_ledger_count(const struct pn_ledger *l)

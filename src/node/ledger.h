@@ -26,4 +26,12 @@ void pn_ledger_foreach(const struct pn_ledger *l, const char *pattern,
                        void (*fn)(const char *name, int64_t value, void *arg), void *arg);
 size_t pn_ledger_count(const struct pn_ledger *l);
 
+/* Merging a core reply with the ledger without a second table: look each
+ * core name up with a mark (non-zero, new per merge), then visit the
+ * entries matching pattern that the merge did not meet. */
+int64_t pn_ledger_get_mark(struct pn_ledger *l, const char *name, uint32_t mark);
+void pn_ledger_foreach_unmarked(const struct pn_ledger *l, const char *pattern, uint32_t mark,
+                                void (*fn)(const char *name, int64_t value, void *arg),
+                                void *arg);
+
 #endif

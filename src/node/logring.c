@@ -22,9 +22,12 @@
 
 #include "base/alloc.h"
 
-/* A line longer than this is cut; the core's lines are far shorter, and
- * a bound keeps one runaway line from holding megabytes per ring slot. */
-#define MAX_LINE 16384
+/* A line longer than this is cut (the supervisor already splits core
+ * output at this length, spec marzban.md §4), and the ring holds at most
+ * MAX_BYTES of text whatever its line capacity, so a core printing long
+ * lines cannot make 10,000 slots cost 640 MB: the oldest lines go first. */
+#define MAX_LINE 65536
+#define MAX_BYTES (32u << 20)
 
 struct line {
     size_t len;
@@ -40,6 +43,7 @@ struct sublist {
 struct pn_logring {
     struct line **lines; /* the line with sequence s is at s % cap */
     size_t cap, count;
+    size_t bytes;        /* text held, for MAX_BYTES */
     uint64_t next_seq;       /* sequence number of the next line pushed */
     struct pn_log_sub *subs; /* every subscriber, for pn_logring_free */
     struct sublist waiting;  /* caught up, to be notified on the next push */
@@ -144,12 +148,18 @@ void pn_logring_push(struct pn_logring *r, const char *line, size_t len)
         memcpy(ln->data, line, len);
     ln->data[len] = '\0';
 
+    /* Make room: by line count (the slot we overwrite) and by bytes. */
+    while (r->count > 0 && (r->count == r->cap || r->bytes + len > MAX_BYTES)) {
+        size_t oldest = (size_t)((r->next_seq - r->count) % r->cap);
+        r->bytes -= r->lines[oldest]->len;
+        free(r->lines[oldest]);
+        r->lines[oldest] = NULL;
+        r->count--;
+    }
     size_t idx = (size_t)(r->next_seq % r->cap);
-    if (r->count == r->cap)
-        free(r->lines[idx]);
-    else
-        r->count++;
     r->lines[idx] = ln;
+    r->count++;
+    r->bytes += len;
     r->next_seq++;
 
     /* Everyone waiting was caught up before this line; none of them is

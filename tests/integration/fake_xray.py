@@ -563,12 +563,14 @@ def serve(args):
     if not bound:
         print(f"Failed to start: fake xray: failed to listen on 127.0.0.1:{port}", flush=True)
         sys.exit(23)
-    server.start()
-    serve_metrics(cfg, directory)
+    # Recorded before the API answers: the node may call this core ready
+    # (and a test then look it up) as soon as the first call succeeds.
     cur = os.path.join(directory, "current.json")
     with open(cur + ".tmp", "w") as f:
         json.dump({"pid": os.getpid(), "port": bound, "config": os.path.abspath(args.config)}, f)
     os.replace(cur + ".tmp", cur)
+    serve_metrics(cfg, directory)
+    server.start()
     ts = time.strftime("%Y/%m/%d %H:%M:%S")
     print(f"{ts}.000000 [Warning] core: Xray 26.7.28 started", flush=True)
     signal.signal(signal.SIGTERM, lambda *a: os._exit(0))

@@ -451,34 +451,38 @@ static void test_timeout(void **state)
     assert_true(gone(c->line_pid));
 }
 
-/* What the child gets: arguments, environment, the whole config on stdin
- * (3 MB, written through the loop), output lines cut at 16 KiB, \r
- * stripped, a last line without newline. */
+/* What the child gets: arguments, only the asset variables as its
+ * environment (nothing of the node's, such as API_KEY), the whole config on
+ * stdin (3 MB, written through the loop), output lines split at 64 KiB with
+ * nothing lost, \r stripped, a last line without newline. */
 static void test_child_view(void **state)
 {
     struct ctx *c = *state;
     char *s = script("echo \"args $*\"\n"
-                     "echo \"env $XRAY_LOCATION_ASSET $V2RAY_LOCATION_ASSET\"\n"
+                     "echo \"env $XRAY_LOCATION_ASSET $V2RAY_LOCATION_ASSET ${API_KEY:-none}\"\n"
                      "echo \"stdin $(wc -c)\"\n"
-                     "head -c 40000 /dev/zero | tr '\\0' a; echo\n"
+                     "head -c 70000 /dev/zero | tr '\\0' a; echo\n"
                      "printf 'crlf\\r\\n'\n"
                      "printf 'last'\n"
                      "exec sleep 30 <&-");
     c->big = 3 * 1000 * 1000;
     setenv("XRAY_LOCATION_ASSET", "/elsewhere", 1);
+    setenv("API_KEY", "3b8f9f3a-2c55-4d4e-9c9e-3f2b1a0c7d11", 1);
     new_sup(c, s, 1500, 300);
     start(c);
     run_until(c, &c->starts_done, 1, 4000);
     unsetenv("XRAY_LOCATION_ASSET");
+    unsetenv("API_KEY");
     unlink(s);
     free(s);
     assert_int_equal(c->start_rv, PN_ERR_TIMEOUT);
-    assert_int_equal(c->nlines, 5);
+    assert_int_equal(c->nlines, 6);
     assert_string_equal(c->lines[0], "args -config stdin:");
-    assert_string_equal(c->lines[1], "env " ASSETS " " ASSETS);
+    assert_string_equal(c->lines[1], "env " ASSETS " " ASSETS " none");
     assert_string_equal(c->lines[2], "stdin 3000000");
     assert_int_equal(c->line_lens[3], LINE_MAX_LEN);
-    assert_string_equal(c->lines[4], "crlf");
+    assert_int_equal(c->line_lens[4], 70000 - LINE_MAX_LEN);
+    assert_string_equal(c->lines[5], "crlf");
     assert_true(gone(c->line_pid));
 }
 

@@ -290,29 +290,30 @@ static void test_capacity_one(void **state)
 
 static void test_long_and_odd_lines(void **state)
 {
+    enum { LIMIT = 65536 };
     struct pn_logring *r = pn_logring_new(4);
     struct pn_log_sub *s = pn_log_sub_new(r, 0, NULL, NULL);
-    size_t big = 20000;
+    size_t big = LIMIT + 4000;
     char *line = malloc(big);
     memset(line, 'a', big);
     pn_logring_push(r, line, big);
     size_t len = 0;
     const char *got = pn_log_sub_next(s, &len, NULL);
-    assert_int_equal(len, 16384);
-    assert_int_equal(strlen(got), 16384);
-    assert_int_equal(got[16383], 'a');
+    assert_int_equal(len, LIMIT);
+    assert_int_equal(strlen(got), LIMIT);
+    assert_int_equal(got[LIMIT - 1], 'a');
 
     /* A two-byte character across the cut is left out whole. */
-    memcpy(line + 16383, "\xc3\xa9", 2);
+    memcpy(line + LIMIT - 1, "\xc3\xa9", 2);
     pn_logring_push(r, line, big);
     got = pn_log_sub_next(s, &len, NULL);
-    assert_int_equal(len, 16383);
+    assert_int_equal(len, LIMIT - 1);
     /* ... and a line of exactly the limit is kept whole. */
-    memcpy(line + 16382, "\xc3\xa9", 2);
-    pn_logring_push(r, line, 16384);
+    memcpy(line + LIMIT - 2, "\xc3\xa9", 2);
+    pn_logring_push(r, line, LIMIT);
     got = pn_log_sub_next(s, &len, NULL);
-    assert_int_equal(len, 16384);
-    assert_memory_equal(got + 16382, "\xc3\xa9", 2);
+    assert_int_equal(len, LIMIT);
+    assert_memory_equal(got + LIMIT - 2, "\xc3\xa9", 2);
     free(line);
 
     /* Lines are copied: the caller's buffer may change afterwards. */
@@ -326,6 +327,29 @@ static void test_long_and_odd_lines(void **state)
     assert_string_equal(got, "");
     assert_int_equal(len, 0);
     expect_end(s);
+    pn_log_sub_free(s);
+    pn_logring_free(r);
+}
+
+/* However many slots the ring has, it holds at most 32 MiB of text: long
+ * lines push the oldest ones out, counted as dropped for slow readers. */
+static void test_byte_budget(void **state)
+{
+    enum { LIMIT = 65536 };
+    struct pn_logring *r = pn_logring_new(10000);
+    struct pn_log_sub *s = pn_log_sub_new(r, 0, NULL, NULL);
+    char *line = malloc(LIMIT);
+    memset(line, 'b', LIMIT);
+    for (int i = 0; i < 1000; i++) /* 64 MiB offered */
+        pn_logring_push(r, line, LIMIT);
+    free(line);
+    assert_int_equal(pn_logring_count(r), 512); /* 32 MiB / 64 KiB */
+    uint64_t dropped = 0;
+    size_t len, n = 0;
+    while (pn_log_sub_next(s, &len, &dropped))
+        n++;
+    assert_int_equal(n, 512);
+    assert_int_equal(dropped, 488);
     pn_log_sub_free(s);
     pn_logring_free(r);
 }
@@ -348,6 +372,7 @@ int main(void)
         cmocka_unit_test(test_slow_reader),      cmocka_unit_test(test_notify_waiting_only),
         cmocka_unit_test(test_free_in_notify),   cmocka_unit_test(test_push_in_notify),
         cmocka_unit_test(test_capacity_one),     cmocka_unit_test(test_long_and_odd_lines),
+        cmocka_unit_test(test_byte_budget),
         cmocka_unit_test(test_ring_freed_first),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
