@@ -29,11 +29,15 @@ run: deps-run build
 	  SSL_CERT_FILE=$(STATE)/certs/ssl_cert.pem SSL_KEY_FILE=$(STATE)/certs/ssl_key.pem \
 	  ./$(BUILD)/proxynode run
 
-# Unit and integration tests; in CI (CI=true) also the ASan+UBSan build, last,
-# so the final line is ctest's summary.
+# Unit and integration tests. In CI (CI=true) also: the quick benchmarks
+# and every fuzz target for 30 s (so neither can rot), then the whole suite
+# under ASan+UBSan, last, so the final line is ctest's summary.
 test: deps-test build
 	cd $(BUILD) && ctest --output-on-failure -j 2
-	@if [ "$(CI)" = true ]; then $(MAKE) --no-print-directory test-asan; fi
+	@if [ "$(CI)" = true ]; then \
+	  $(MAKE) --no-print-directory bench QUICK=1 && \
+	  $(MAKE) --no-print-directory fuzz SECONDS=30 && \
+	  $(MAKE) --no-print-directory test-asan; fi
 
 test-asan: deps-test
 	cmake -S . -B $(ASAN) -DPN_SANITIZE=ON -DCMAKE_BUILD_TYPE=Debug -DPN_WERROR=$(WERROR)
@@ -43,3 +47,34 @@ test-asan: deps-test
 
 clean:
 	rm -rf $(BUILD) $(ASAN)
+
+# Benchmarks (bench/, BENCHMARKS.md): an optimized build in $(BENCH_BUILD),
+# then every figure on loopback with a real /usr/bin/v2ray; JSON in
+# bench/results/latest.json and a table on stdout. QUICK=1 (CI) stays under
+# 2 minutes; the full run is for people.
+BENCH_BUILD ?= build-bench
+.PHONY: bench bench-quick deps-bench
+
+deps-bench:
+	@scripts/deps.sh bench
+
+bench: deps-bench
+	cmake -S . -B $(BENCH_BUILD) -DCMAKE_BUILD_TYPE=Release -DPN_TESTS=OFF -DPN_WERROR=$(WERROR)
+	cmake --build $(BENCH_BUILD) -j $(JOBS)
+	/usr/bin/python3 bench/run.py --bin $(BENCH_BUILD)/proxynode \
+	  $(if $(filter 1 true yes,$(QUICK)),--quick)
+
+bench-quick:
+	@$(MAKE) --no-print-directory bench QUICK=1
+
+# Fuzzing (fuzz/README.md): the libFuzzer targets built with clang, ASan and
+# UBSan in $(FUZZ_BUILD), then each run for SECONDS seconds (default 30), one
+# after the other. FUZZ_TARGETS="fuzz_h2 fuzz_ws" picks some. Fails when any
+# target finds a crash, a leak, a timeout or runs out of memory.
+FUZZ_BUILD ?= build-fuzz
+SECONDS ?= 30
+.PHONY: fuzz
+
+fuzz: deps-test
+	fuzz/run.sh --build $(FUZZ_BUILD) --seconds $(SECONDS) $(if $(filter ON,$(WERROR)),--werror) \
+	  $(FUZZ_TARGETS)

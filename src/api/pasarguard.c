@@ -4,15 +4,24 @@
  * handler. REST and gRPC share the checks and the handlers; they differ
  * only in how an answer is written (struct reply).
  *
+ * In the gozargah profile (legacy session mode, spec §4) the key check is
+ * replaced by the session check: Start is authorised by mTLS alone and
+ * opens a session (a random UUID and the caller's IP); every other call
+ * must carry `Authorization: Bearer <session id>`. REST `GET /logs` may then
+ * long-poll (spec §5.3) instead of streaming.
+ *
  * This module owns, per request: the decoded protobuf messages (freed
  * before the handler returns; node/ gets its own copies), the state of an
  * answer that waits for the backend (struct pending, with the backend
  * operation it detaches when the client leaves), the state of the gRPC
- * client streams (struct user_stream), and the log streams (struct
- * log_stream: a log-ring subscriber and a backend listener each). */
+ * client streams (struct user_stream), the log streams (struct
+ * log_stream: a log-ring subscriber and a backend listener each) and the
+ * long polls (struct long_poll). Per node it owns the panel session of
+ * session mode (struct session) with its log cursor. */
 #include "api/pasarguard.h"
 
 #include <event2/event.h>
+#include <netinet/in.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -39,7 +48,36 @@
 #define PROTO_PARSE_ERR "proto: cannot parse invalid wire-format data"
 #define GRPC_UNMARSHAL_ERR "grpc: error unmarshalling request: " PROTO_PARSE_ERR
 
+/* Long-poll logs (spec §5.3): the longest a request waits for a line, and
+ * the reference's MAX_LOG_PER_REQUEST default. */
+#define LONG_POLL_WAIT_MS 60000
+#define LONG_POLL_MAX_DEFAULT 1000
+
 struct log_stream;
+struct long_poll;
+
+/* The panel session of legacy session mode (spec §4): opened by a
+ * successful Start, replaced by the next one, closed when the backend's
+ * session ends with no core (Stop, or keep-alive expiry with
+ * PROXYNODE_KEEPALIVE_STOPS_CORE). Keep-alive expiry alone leaves it open,
+ * as it leaves the core and users alone (DESIGN "Keep-alive").
+ *
+ * The long-poll log cursor belongs to the session, not to a request:
+ * successive long polls of one panel continue where the previous answer
+ * stopped, so no line is delivered twice and none is skipped while the
+ * panel is between two requests (up to the ring's size). It is created by
+ * the session's first long poll with the whole ring as backlog, like any
+ * new log reader, and dropped with the session, so a new Start begins a
+ * new cursor. Concurrent long polls of one session share it and split the
+ * lines, oldest request first. */
+struct session {
+    bool active;
+    struct pn_uuid id;
+    char ip[INET6_ADDRSTRLEN]; /* the REST caller IP that called Start */
+    struct pn_log_sub *cursor; /* long-poll logs; NULL until the first */
+    uint64_t dropped, dropped_logged;
+    struct long_poll *polls, *polls_tail; /* waiting, oldest first */
+};
 
 struct pn_pasarguard {
     struct pn_uuid api_key;
@@ -48,6 +86,13 @@ struct pn_pasarguard {
     struct event_base *base;
     struct pn_grpc_service grpc;
     struct log_stream *logs; /* open log streams */
+    /* legacy session mode */
+    bool session_mode;
+    bool long_poll_always; /* MAX_LOG_PER_REQUEST was set */
+    size_t max_log;
+    struct session sess;
+    struct pn_backend_listener sess_listener;
+    struct event *sess_wake; /* new lines for the long polls; NULL: no loop */
 };
 
 /* ---- shared checks ------------------------------------------------------ */
@@ -91,6 +136,131 @@ static const struct api_error *check_key(const struct pn_pasarguard *pg, const c
         return &err_key_format;
     if (!pn_uuid_equal(&got, &pg->api_key))
         return &err_key_mismatch;
+    return NULL;
+}
+
+/* ---- legacy session mode: the session check (spec §4) -------------------- */
+
+/* REST, in the order the checks run. */
+static const struct api_error err_rest_no_session = {425, PN_GRPC_UNAUTHENTICATED,
+                                                     "please connect first"};
+static const struct api_error err_rest_bad_ip = {403, PN_GRPC_PERMISSION_DENIED,
+                                                 "IP address is not valid"};
+static const struct api_error err_rest_no_header = {401, PN_GRPC_UNAUTHENTICATED,
+                                                    "please connect first"};
+static const struct api_error err_rest_format = {401, PN_GRPC_UNAUTHENTICATED,
+                                                 "invalid Authorization header format"};
+static const struct api_error err_rest_not_uuid = {422, PN_GRPC_INVALID_ARGUMENT,
+                                                   "please send valid uuid"};
+static const struct api_error err_rest_mismatch = {403, PN_GRPC_PERMISSION_DENIED,
+                                                   "session id mismatch."};
+/* gRPC. The reference's `missing metadata` cannot happen here (as in
+ * grpc-go, a call always has its metadata), so it has no entry. */
+static const struct api_error err_grpc_no_session = {401, PN_GRPC_UNAUTHENTICATED,
+                                                     "please connect first"};
+static const struct api_error err_grpc_no_header = {401, PN_GRPC_UNAUTHENTICATED,
+                                                    "missing authorization header"};
+static const struct api_error err_grpc_format = {400, PN_GRPC_INVALID_ARGUMENT,
+                                                 "invalid authorization header format"};
+/* The text is `invalid session ID: <Go's uuid.Parse error>`, built per call. */
+static const struct api_error err_grpc_bad_id = {400, PN_GRPC_INVALID_ARGUMENT,
+                                                 "invalid session ID"};
+static const struct api_error err_grpc_mismatch = {403, PN_GRPC_PERMISSION_DENIED,
+                                                   "session ID mismatch"};
+/* Defence in depth: the TLS layer already refuses a handshake without a
+ * verified client certificate, so no panel ever sees this. */
+static const struct api_error err_no_client_cert = {401, PN_GRPC_UNAUTHENTICATED,
+                                                    "client certificate required"};
+
+/* Go's strings.Split(h, " ") has exactly two parts: exactly one space. */
+static const char *split_two(const char *h)
+{
+    const char *sp = strchr(h, ' ');
+    return sp && !strchr(sp + 1, ' ') ? sp + 1 : NULL;
+}
+
+/* Go's %q of a short ASCII string, for the urn prefix error. */
+static void go_quote(const char *s, size_t len, char *out, size_t outlen)
+{
+    size_t k = 0;
+    out[k++] = '"';
+    for (size_t i = 0; i < len && k + 6 < outlen; i++) {
+        unsigned char c = (unsigned char)s[i];
+        if (c == '"' || c == '\\')
+            k += (size_t)snprintf(out + k, outlen - k, "\\%c", c);
+        else if (c >= 0x20 && c < 0x7f)
+            out[k++] = (char)c;
+        else
+            k += (size_t)snprintf(out + k, outlen - k, "\\x%02x", c);
+    }
+    out[k++] = '"';
+    out[k] = '\0';
+}
+
+/* The error google/uuid's Parse gives for a string pn_uuid_parse refused
+ * (the gRPC text is `invalid session ID: <this>`). */
+static void go_uuid_error(const char *s, size_t len, char *out, size_t outlen)
+{
+    if (len == 45 && strncasecmp(s, "urn:uuid:", 9) != 0) {
+        char q[64];
+        go_quote(s, 9, q, sizeof q);
+        snprintf(out, outlen, "invalid urn prefix: %s", q);
+    } else if (len == 36 || len == 38 || len == 45 || len == 32) {
+        snprintf(out, outlen, "invalid UUID format");
+    } else {
+        snprintf(out, outlen, "invalid UUID length: %zu", len);
+    }
+}
+
+/* The REST session check, in the reference's order: a session exists, the
+ * caller has the IP that called Start, the header is present, it has two
+ * space-separated parts (the first is not looked at), the second is a
+ * UUID, and it is the session's. NULL when the call may proceed. */
+static const struct api_error *check_session_rest(const struct session *s, const char *ip,
+                                                  const char *authorization)
+{
+    if (!s->active)
+        return &err_rest_no_session;
+    if (!ip || strcmp(ip, s->ip) != 0)
+        return &err_rest_bad_ip;
+    if (!authorization || !*authorization)
+        return &err_rest_no_header;
+    const char *id = split_two(authorization);
+    if (!id)
+        return &err_rest_format;
+    struct pn_uuid got;
+    if (pn_uuid_parse(id, strlen(id), &got) < 0)
+        return &err_rest_not_uuid;
+    if (!pn_uuid_equal(&got, &s->id))
+        return &err_rest_mismatch;
+    return NULL;
+}
+
+/* The gRPC session check: a session exists, the `authorization` metadata
+ * is present, it is the literal `Bearer`, one space and a UUID, and the
+ * UUID is the session's. For err_grpc_bad_id, detail gets the full text;
+ * otherwise it is left alone. NULL when the call may proceed. */
+static const struct api_error *check_session_grpc(const struct session *s,
+                                                  const char *authorization, char *detail,
+                                                  size_t detaillen)
+{
+    if (!s->active)
+        return &err_grpc_no_session;
+    if (!authorization)
+        return &err_grpc_no_header;
+    const char *id = split_two(authorization);
+    if (!id || (size_t)(id - authorization) != 7 || strncmp(authorization, "Bearer", 6) != 0)
+        return &err_grpc_format;
+    struct pn_uuid got;
+    size_t len = strlen(id);
+    if (pn_uuid_parse(id, len, &got) < 0) {
+        char why[96];
+        go_uuid_error(id, len, why, sizeof why);
+        snprintf(detail, detaillen, "%s: %s", err_grpc_bad_id.text, why);
+        return &err_grpc_bad_id;
+    }
+    if (!pn_uuid_equal(&got, &s->id))
+        return &err_grpc_mismatch;
     return NULL;
 }
 
@@ -591,13 +761,21 @@ static void pending_launched(struct pending *p, int rv, int http_status, enum pn
 
 /* ---- GetBaseInfo, Start, Stop ---------------------------------------------- */
 
+/* BaseInfoResponse; in session mode it also carries the session id (field
+ * 4; `extra`, field 5, stays empty), as the reference's Start and
+ * GetBaseInfo do. */
 static void info_answer(struct pn_pasarguard *pg, struct reply r, bool started,
                         const char *core_version)
 {
     Service__BaseInfoResponse m = SERVICE__BASE_INFO_RESPONSE__INIT;
+    char sid[PN_UUID_STRLEN + 1];
     m.started = started;
     m.core_version = (char *)(core_version ? core_version : "");
     m.node_version = pg->node_version;
+    if (pg->session_mode && pg->sess.active) {
+        pn_uuid_format(&pg->sess.id, sid);
+        m.session_id = sid;
+    }
     reply_msg(pg, r, &m.base);
 }
 
@@ -621,11 +799,25 @@ static void h_info(struct pn_pasarguard *pg, struct reply r, const uint8_t *body
     p->wait = pn_backend_on_version(pg->backend, info_version_ready, p);
 }
 
+static int session_begin(struct pn_pasarguard *pg, const char *ip);
+
+/* The address a call came from ("" when the transport has none). */
+static const char *reply_ip(struct reply r)
+{
+    const struct pn_peer *peer = r.req ? r.req->peer : pn_grpc_call_peer(r.call);
+    return peer ? peer->ip : "";
+}
+
+/* A Start that succeeded opens a new session in session mode (the old one
+ * is refused from now on); one that failed leaves the old session, like
+ * the old core, in place. */
 static void start_done(int rv, const char *err, void *arg)
 {
     struct pending *p = arg;
     if (rv < 0)
         reply_error(p->r, 503, PN_GRPC_UNKNOWN, err && *err ? err : pn_strerror(rv));
+    else if (p->pg->session_mode && session_begin(p->pg, reply_ip(p->r)) < 0)
+        reply_error(p->r, 503, PN_GRPC_UNKNOWN, "failed to create a session id");
     else
         info_answer(p->pg, p->r, true, pn_backend_core_version(p->pg->backend));
     pending_complete(p);
@@ -1049,6 +1241,9 @@ static void h_users_sync_chunked(struct pn_pasarguard *pg, struct reply r, const
 
 /* ---- log streams (GetLogs, GET /logs) -------------------------------------- */
 
+static bool wants_long_poll(const struct pn_pasarguard *pg, const struct pn_req *req);
+static void h_logs_poll(struct pn_pasarguard *pg, struct pn_req *req);
+
 /* A reader of the backend's log ring that forwards lines to one client:
  * REST lines as `line\n` in a chunked text/event-stream body, gRPC one
  * Log{detail} message per line. It starts with the whole ring as backlog.
@@ -1225,6 +1420,10 @@ static void logs_grpc_cancel(struct pn_grpc_call *call)
  * backlog and counts as panel activity while open (spec §17 row 14). */
 static void h_logs(struct pn_pasarguard *pg, struct reply r, const uint8_t *body, size_t len)
 {
+    if (r.req && wants_long_poll(pg, r.req)) {
+        h_logs_poll(pg, r.req);
+        return;
+    }
     if (r.req) {
         const struct pn_http_header hdrs[] = {
             {"Content-Type", "text/event-stream"},
@@ -1255,6 +1454,229 @@ static void h_logs(struct pn_pasarguard *pg, struct reply r, const uint8_t *body
     pn_backend_listen(pg->backend, &ls->listener);
     ls->sub = pn_log_sub_new(pn_backend_logs(pg->backend), SIZE_MAX, logs_notify, ls);
     logs_wake(ls);
+}
+
+/* ---- long-poll logs (legacy session mode, spec §5.3) ------------------------ */
+
+/* One REST `GET /logs` in the pre-2025 form: it waits for lines on the
+ * session's cursor and answers once with a LogList of at most max_log
+ * lines: 200 as soon as it holds a line and the cursor has caught up (or
+ * the maximum is reached), 204 with an empty LogList after 60 s. Instead
+ * of the reference's 100 ms polling it is woken by new lines, batched
+ * through the loop. A client that leaves first frees it; the reference's
+ * 408 would have no one to read it. While waiting it counts as panel
+ * activity, like the streams. */
+struct long_poll {
+    struct pn_pasarguard *pg;
+    struct pn_req *req;
+    struct event *timer;
+    struct long_poll *prev, *next; /* pg->sess.polls */
+};
+
+static void poll_free(struct long_poll *lp)
+{
+    struct session *s = &lp->pg->sess;
+    if (lp->prev)
+        lp->prev->next = lp->next;
+    else
+        s->polls = lp->next;
+    if (lp->next)
+        lp->next->prev = lp->prev;
+    else
+        s->polls_tail = lp->prev;
+    if (lp->timer)
+        event_free(lp->timer);
+    pn_backend_stream_end(lp->pg->backend);
+    free(lp);
+}
+
+/* Appends one `repeated string logs = 1` entry (every entry is written,
+ * an empty line too). */
+static void loglist_add(struct pn_buf *out, const char *line, size_t len)
+{
+    uint8_t hdr[11];
+    size_t n = 0;
+    hdr[n++] = 0x0a;
+    uint64_t v = len;
+    while (v >= 0x80) {
+        hdr[n++] = (uint8_t)(v | 0x80);
+        v >>= 7;
+    }
+    hdr[n++] = (uint8_t)v;
+    pn_buf_append(out, hdr, n);
+    pn_buf_append(out, line, len);
+}
+
+/* Takes up to max_log lines off the session's cursor and answers with
+ * them. Without a line it answers only when final (timeout, session end,
+ * node stop): 204 and an empty LogList. Returns true when lp answered
+ * (and is freed). */
+static bool poll_answer(struct long_poll *lp, bool final)
+{
+    struct pn_pasarguard *pg = lp->pg;
+    struct session *s = &pg->sess;
+    struct pn_buf out;
+    size_t n = 0, len;
+    const char *line;
+    pn_buf_init(&out, 0);
+    while (s->cursor && n < pg->max_log && (line = pn_log_sub_next(s->cursor, &len, &s->dropped))) {
+        loglist_add(&out, line, len);
+        n++;
+    }
+    if (s->dropped != s->dropped_logged) {
+        pn_log_debug("long-poll logs: %llu lines dropped while the panel was away",
+                     (unsigned long long)(s->dropped - s->dropped_logged));
+        s->dropped_logged = s->dropped;
+    }
+    if (n == 0 && !final) {
+        pn_buf_free(&out);
+        return false;
+    }
+    if (pn_req_respond(lp->req, n ? 200 : 204, protobuf_hdr, 1, out.data, out.len) == PN_OK)
+        pn_backend_touch(pg->backend);
+    pn_buf_free(&out);
+    poll_free(lp);
+    return true;
+}
+
+/* Hands new lines to the waiting polls, oldest first, until the cursor
+ * has caught up. */
+static void polls_pump(struct pn_pasarguard *pg)
+{
+    while (pg->sess.polls && poll_answer(pg->sess.polls, false))
+        ;
+}
+
+/* Answers every waiting poll with what it can still take (node stop,
+ * session end). */
+static void polls_finish(struct pn_pasarguard *pg)
+{
+    while (pg->sess.polls)
+        poll_answer(pg->sess.polls, true);
+}
+
+static void polls_wake_cb(evutil_socket_t fd, short what, void *arg)
+{
+    polls_pump(arg);
+}
+
+static void polls_notify(struct pn_log_sub *sub, void *arg)
+{
+    struct pn_pasarguard *pg = arg;
+    if (pg->sess_wake)
+        event_active(pg->sess_wake, EV_TIMEOUT, 1);
+    else
+        polls_pump(pg);
+}
+
+static void poll_timeout(evutil_socket_t fd, short what, void *arg)
+{
+    poll_answer(arg, true);
+}
+
+static void poll_req_closed(struct pn_req *req, void *arg)
+{
+    poll_free(arg);
+}
+
+/* GET /logs, long-poll form. The session check already passed, so a
+ * session is open. */
+static void h_logs_poll(struct pn_pasarguard *pg, struct pn_req *req)
+{
+    struct session *s = &pg->sess;
+    if (!s->cursor)
+        s->cursor = pn_log_sub_new(pn_backend_logs(pg->backend), SIZE_MAX, polls_notify, pg);
+    struct long_poll *lp = pn_new(struct long_poll);
+    lp->pg = pg;
+    lp->req = req;
+    lp->prev = s->polls_tail;
+    if (s->polls_tail)
+        s->polls_tail->next = lp;
+    else
+        s->polls = lp;
+    s->polls_tail = lp;
+    pn_backend_stream_begin(pg->backend);
+    pn_req_set_callbacks(req, poll_req_closed, NULL, lp);
+    if (pg->base) {
+        lp->timer = evtimer_new(pg->base, poll_timeout, lp);
+        struct timeval tv = {LONG_POLL_WAIT_MS / 1000, (LONG_POLL_WAIT_MS % 1000) * 1000};
+        evtimer_add(lp->timer, &tv);
+    }
+    polls_pump(pg);
+}
+
+/* Whether a REST GET /logs gets the long-poll form: only in session mode,
+ * when MAX_LOG_PER_REQUEST was set or the client asks for protobuf. */
+static bool wants_long_poll(const struct pn_pasarguard *pg, const struct pn_req *req)
+{
+    if (!pg->session_mode)
+        return false;
+    if (pg->long_poll_always)
+        return true;
+    const char *accept = pn_req_header(req, "accept");
+    return accept && strcasestr(accept, "application/x-protobuf") != NULL;
+}
+
+/* ---- the session's lifetime ------------------------------------------------- */
+
+/* Closes the session: waiting polls get what they can still take, the log
+ * cursor goes. Calls from then on are refused with `please connect first`. */
+static void session_end(struct pn_pasarguard *pg)
+{
+    struct session *s = &pg->sess;
+    polls_finish(pg);
+    if (s->cursor)
+        pn_log_sub_free(s->cursor);
+    memset(s, 0, sizeof *s);
+}
+
+/* Opens a new session for the caller at ip, replacing any open one. Returns
+ * PN_OK, or PN_ERR_IO when the OS gave no random bytes (no session then). */
+static int session_begin(struct pn_pasarguard *pg, const char *ip)
+{
+    struct pn_uuid id;
+    session_end(pg);
+    int rv = pn_uuid_random(&id);
+    if (rv < 0) {
+        pn_log_error("session: %s", pn_strerror(rv));
+        return rv;
+    }
+    pg->sess.active = true;
+    pg->sess.id = id;
+    snprintf(pg->sess.ip, sizeof pg->sess.ip, "%s", ip ? ip : "");
+    pn_log_info("panel session opened from %s", pg->sess.ip);
+    return PN_OK;
+}
+
+/* The backend's panel session ended: with no core left (Stop, keep-alive
+ * with PROXYNODE_KEEPALIVE_STOPS_CORE) the session closes, as the
+ * reference's disconnect forgets it; a Start taking over leaves it to
+ * start_done to replace. Listens again for the next end. */
+static void session_backend_end(struct pn_backend_listener *l)
+{
+    struct pn_pasarguard *pg =
+        (struct pn_pasarguard *)((char *)l - offsetof(struct pn_pasarguard, sess_listener));
+    pn_backend_listen(pg->backend, l);
+    if (pn_backend_state(pg->backend) == PN_BACKEND_NONE && pg->sess.active) {
+        pn_log_info("panel session closed");
+        session_end(pg);
+    }
+}
+
+/* REST auth in session mode: a verified client certificate; then, except
+ * for /start (mTLS alone), the session check. An accepted call refreshes
+ * keep-alive. */
+static const struct api_error *rest_session_auth(struct pn_pasarguard *pg, struct pn_req *req)
+{
+    if (!req->peer || !req->peer->client_cert_verified)
+        return &err_no_client_cert;
+    if (strcmp(req->path, "/start") == 0)
+        return NULL;
+    const struct api_error *e =
+        check_session_rest(&pg->sess, req->peer->ip, pn_req_header(req, "authorization"));
+    if (!e)
+        pn_backend_touch(pg->backend);
+    return e;
 }
 
 /* ---- gRPC client streams: SyncUser, SyncUsersChunked ----------------------- */
@@ -1564,8 +1986,9 @@ void pn_pasarguard_rest(struct pn_req *req, void *arg)
 {
     static const uint8_t empty[1];
     struct pn_pasarguard *pg = arg;
-    const struct api_error *e =
-        check_key(pg, pn_req_header(req, "x-api-key"), pn_req_header(req, "authorization"));
+    const struct api_error *e = pg->session_mode ? rest_session_auth(pg, req)
+                                                 : check_key(pg, pn_req_header(req, "x-api-key"),
+                                                             pn_req_header(req, "authorization"));
     if (e) {
         pn_req_respond_text(req, e->http_status, e->text);
         return;
@@ -1685,17 +2108,40 @@ static void grpc_unary(struct pn_grpc_call *call, const uint8_t *msg, size_t len
     impls[i].handler(pg, (struct reply){.call = call}, msg, len);
 }
 
+/* gRPC auth in session mode: a verified client certificate; then, except
+ * for Start (mTLS alone), the session check. An accepted call refreshes
+ * keep-alive. */
+static const struct api_error *grpc_session_auth(struct pn_pasarguard *pg,
+                                                 struct pn_grpc_call *call,
+                                                 const struct pn_grpc_method *m, char *detail,
+                                                 size_t detaillen)
+{
+    const struct pn_peer *peer = pn_grpc_call_peer(call);
+    if (!peer || !peer->client_cert_verified)
+        return &err_no_client_cert;
+    if (m == &methods[RPC_START])
+        return NULL;
+    const struct api_error *e = check_session_grpc(
+        &pg->sess, pn_grpc_call_metadata(call, "authorization"), detail, detaillen);
+    if (!e)
+        pn_backend_touch(pg->backend);
+    return e;
+}
+
 /* Auth before anything else, unknown methods included (spec §7.2); then
  * the guard of methods that need a started core. */
 static bool grpc_intercept(struct pn_grpc_call *call, const struct pn_grpc_method *m)
 {
     struct pn_pasarguard *pg = pn_grpc_call_service_arg(call);
-    const struct api_error *e = check_key(pg, pn_grpc_call_metadata(call, "x-api-key"),
-                                          pn_grpc_call_metadata(call, "authorization"));
+    char detail[160] = "";
+    const struct api_error *e = pg->session_mode
+                                    ? grpc_session_auth(pg, call, m, detail, sizeof detail)
+                                    : check_key(pg, pn_grpc_call_metadata(call, "x-api-key"),
+                                                pn_grpc_call_metadata(call, "authorization"));
     if (!e && m && impls[m - methods].guard)
         e = check_backend(pg);
     if (e) {
-        pn_grpc_call_finish(call, e->grpc_code, e->text);
+        pn_grpc_call_finish(call, e->grpc_code, detail[0] ? detail : e->text);
         return false;
     }
     return true;
@@ -1715,6 +2161,16 @@ struct pn_pasarguard *pn_pasarguard_new(const struct pn_pasarguard_opts *opts)
     pg->grpc.intercept = grpc_intercept;
     pg->grpc.arg = pg;
     pg->grpc.max_message = MAX_MESSAGE;
+    pg->session_mode = opts->session_mode;
+    pg->long_poll_always = opts->long_poll_logs;
+    pg->max_log =
+        opts->max_log_per_request > 0 ? (size_t)opts->max_log_per_request : LONG_POLL_MAX_DEFAULT;
+    if (pg->session_mode) {
+        pg->sess_listener.on_session_end = session_backend_end;
+        pn_backend_listen(pg->backend, &pg->sess_listener);
+        if (pg->base)
+            pg->sess_wake = event_new(pg->base, -1, 0, polls_wake_cb, pg);
+    }
     return pg;
 }
 
@@ -1722,6 +2178,7 @@ void pn_pasarguard_end_streams(struct pn_pasarguard *pg)
 {
     while (pg->logs)
         logs_end(pg->logs);
+    polls_finish(pg);
 }
 
 void pn_pasarguard_free(struct pn_pasarguard *pg)
@@ -1729,6 +2186,11 @@ void pn_pasarguard_free(struct pn_pasarguard *pg)
     if (!pg)
         return;
     pn_pasarguard_end_streams(pg);
+    session_end(pg);
+    if (pg->session_mode)
+        pn_backend_unlisten(pg->backend, &pg->sess_listener);
+    if (pg->sess_wake)
+        event_free(pg->sess_wake);
     free(pg->node_version);
     free(pg);
 }

@@ -25,6 +25,24 @@ struct pn_pasarguard_opts {
      * becomes one write and no transport I/O runs inside a log-ring push or
      * a backend listener. NULL: log streams write from those callbacks. */
     struct event_base *base;
+    /* gozargah profile, legacy session mode (spec pasarguard.md §4): Start
+     * is authorised by mTLS alone and creates a session; every other call
+     * needs `Authorization: Bearer <session_id>` (REST also from the IP that
+     * called Start). The API key is not used. A successful Start replaces
+     * the session; Stop (the backend left with no core) ends it; keep-alive
+     * expiry alone does not. Every connection must also carry a verified
+     * client certificate (the TLS context enforces it; checked again here).
+     * Errors: spec §4's REST and gRPC tables. */
+    bool session_mode;
+    /* Session mode only: REST GET /logs long-polls (spec §5.3, pre-2025
+     * form) with at most this many lines (<= 0: 1000): always when
+     * long_poll_logs (MAX_LOG_PER_REQUEST set in the environment), else only
+     * for requests with Accept: application/x-protobuf. The read position
+     * is one cursor per session (starting with the ring's backlog, reset by
+     * a new Start), so successive long polls never repeat a line. gRPC
+     * GetLogs always streams. */
+    long max_log_per_request;
+    bool long_poll_logs;
 };
 
 struct pn_pasarguard *pn_pasarguard_new(const struct pn_pasarguard_opts *opts);

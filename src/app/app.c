@@ -1,4 +1,8 @@
-/* The node's wiring and event loop (see app.h). */
+/* The node's wiring and event loop (see app.h): per profile, the
+ * certificate, the TLS context, the API front and the core behind it, all
+ * on one listener; then the signals. pasarguard and gozargah share the
+ * PasarGuard front and backend (gozargah adds mTLS and session auth);
+ * marzban has its own front and core session. */
 #include "app/app.h"
 
 #include <event2/event.h>
@@ -8,6 +12,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "api/marzban.h"
 #include "api/pasarguard.h"
 #include "base/err.h"
 #include "base/log.h"
@@ -15,6 +20,7 @@
 #include "net/listener.h"
 #include "net/tls.h"
 #include "node/backend.h"
+#include "node/mzcore.h"
 
 /* DESIGN.md: exit within 2 s when no core runs, 6 s otherwise. */
 #define SHUTDOWN_GRACE_MS 1500
@@ -24,29 +30,36 @@ struct app {
     struct pn_config *cfg;
     struct event_base *base;
     struct pn_tls *tls;
+    /* pasarguard, gozargah */
     struct pn_backend *backend;
     struct pn_pasarguard *pg;
+    /* marzban */
+    struct pn_mzcore *mzcore;
+    struct pn_marzban *mzapi;
+    char **inbounds; /* INBOUNDS split */
+    size_t ninbounds;
+
     struct pn_http_server srv;
     struct pn_listener *listener;
     struct event *ev_term, *ev_int, *ev_hup, *ev_stop_tick;
     uint64_t stop_deadline;
-    bool backend_down;
+    bool core_down;
 };
 
 /* Runs every 50 ms once stopping: ends the loop when the last connection
- * has finished, or at the grace deadline. */
+ * has finished and the core is down, or at the grace deadline. */
 static void stop_tick(evutil_socket_t fd, short what, void *arg)
 {
     struct app *a = arg;
-    if ((pn_listener_conn_count(a->listener) == 0 && a->backend_down) ||
+    if ((pn_listener_conn_count(a->listener) == 0 && a->core_down) ||
         pn_now_ms() >= a->stop_deadline)
         event_base_loopbreak(a->base);
 }
 
-static void backend_down(void *arg)
+static void core_down(void *arg)
 {
     struct app *a = arg;
-    a->backend_down = true;
+    a->core_down = true;
 }
 
 static void on_stop_signal(evutil_socket_t sig, short what, void *arg)
@@ -58,10 +71,19 @@ static void on_stop_signal(evutil_socket_t sig, short what, void *arg)
         return;
     }
     pn_log_info("received %s: stopping", sig == SIGTERM ? "SIGTERM" : "SIGINT");
-    bool core = pn_backend_state(a->backend) != PN_BACKEND_NONE;
-    pn_pasarguard_end_streams(a->pg); /* log streams never end by themselves */
-    pn_listener_shutdown(a->listener);
-    pn_backend_shutdown(a->backend, backend_down, a);
+    bool core;
+    /* Log streams never end by themselves: end them so connections finish. */
+    if (a->pg) {
+        core = pn_backend_state(a->backend) != PN_BACKEND_NONE;
+        pn_pasarguard_end_streams(a->pg);
+        pn_listener_shutdown(a->listener);
+        pn_backend_shutdown(a->backend, core_down, a);
+    } else {
+        core = pn_mzcore_started(a->mzcore);
+        pn_marzban_end_streams(a->mzapi);
+        pn_listener_shutdown(a->listener);
+        pn_mzcore_shutdown(a->mzcore, core_down, a);
+    }
     a->stop_deadline = pn_now_ms() + (core ? SHUTDOWN_GRACE_CORE_MS : SHUTDOWN_GRACE_MS);
     a->ev_stop_tick = event_new(a->base, -1, EV_PERSIST, stop_tick, a);
     struct timeval tv = {0, 50000};
@@ -79,18 +101,30 @@ static void on_hup(evutil_socket_t sig, short what, void *arg)
         pn_log_info("SIGHUP: certificate and key reloaded");
 }
 
-/* Makes sure a certificate exists, generating the self-signed one the
- * panel will be given when the operator has none. */
+/* Makes sure a certificate exists, generating a self-signed one when the
+ * operator has none: for PasarGuard/Gozargah with every address the panel
+ * may dial; for Marzban with the name `Gozargah` its gRPC client checks,
+ * generated when either file is missing (spec marzban.md §1.3). */
 static int prepare_certificate(const struct pn_config *cfg)
 {
-    size_t n;
-    char **names = pn_tls_default_names(cfg->cert_names, &n);
-    struct pn_cert_opts co = {.cn = "proxynode", .names = (const char *const *)names,
-                              .nnames = n, .days = 3650};
+    bool marzban = cfg->profile == PN_PROFILE_MARZBAN;
+    size_t n = 0;
+    static const char *const gozargah[] = {"Gozargah"};
+    char **names = marzban ? NULL : pn_tls_default_names(cfg->cert_names, &n);
+    struct pn_cert_opts co = {.cn = marzban ? "Gozargah" : "proxynode",
+                              .names = marzban ? gozargah : (const char *const *)names,
+                              .nnames = marzban ? 1 : n,
+                              .days = marzban ? 36500 : 3650};
     bool generated = false;
     char err[512];
-    int rv = pn_tls_ensure_cert(cfg->ssl_cert_file, cfg->ssl_key_file, &co, &generated, err,
+    int rv;
+    if (marzban && (access(cfg->ssl_cert_file, F_OK) != 0 || access(cfg->ssl_key_file, F_OK) != 0)) {
+        rv = pn_tls_generate_cert(cfg->ssl_cert_file, cfg->ssl_key_file, &co, err, sizeof err);
+        generated = rv == PN_OK;
+    } else {
+        rv = pn_tls_ensure_cert(cfg->ssl_cert_file, cfg->ssl_key_file, &co, &generated, err,
                                 sizeof err);
+    }
     pn_tls_free_names(names, n);
     if (rv < 0) {
         pn_log_error("certificate: %s", err);
@@ -107,42 +141,30 @@ static int prepare_certificate(const struct pn_config *cfg)
     return PN_OK;
 }
 
-int pn_app_run(struct pn_config *cfg)
+/* The client certificate file mTLS needs (gozargah, marzban), with the
+ * reference node's texts, but a non-zero exit. */
+static int check_client_cert(const struct pn_config *cfg)
 {
-    struct app a = {.cfg = cfg};
-    char err[512];
-    int status = 1;
+    if (cfg->profile == PN_PROFILE_PASARGUARD)
+        return PN_OK;
+    if (!cfg->ssl_client_cert_file || !*cfg->ssl_client_cert_file) {
+        pn_log_error("SSL_CLIENT_CERT_FILE is required for rest service.");
+        return PN_ERR_INVAL;
+    }
+    if (access(cfg->ssl_client_cert_file, R_OK) != 0) {
+        pn_log_error("Client's certificate file specified on SSL_CLIENT_CERT_FILE is missing "
+                     "(%s)",
+                     cfg->ssl_client_cert_file);
+        return PN_ERR_INVAL;
+    }
+    return PN_OK;
+}
 
-    pn_log_set_level(cfg->debug ? PN_LOG_DEBUG : PN_LOG_INFO);
-    if (cfg->profile != PN_PROFILE_PASARGUARD) {
-        pn_log_error("the %s profile is not available in this version; use "
-                     "PROXYNODE_PROFILE=pasarguard with API_KEY",
-                     pn_profile_name(cfg->profile));
-        return 1;
-    }
-    if (pn_config_ensure_api_key(cfg, stdout, err, sizeof err) < 0) {
-        pn_log_error("%s", err);
-        return 1;
-    }
-    fflush(stdout);
-    if (prepare_certificate(cfg) < 0)
-        return 1;
-
-    struct pn_tls_opts to = {.cert_file = cfg->ssl_cert_file,
-                             .key_file = cfg->ssl_key_file,
-                             .alpn_h2 = true};
-    if (pn_tls_new(&to, &a.tls, err, sizeof err) < 0) {
-        pn_log_error("TLS: %s", err);
-        return 1;
-    }
-    signal(SIGPIPE, SIG_IGN);
-    a.base = event_base_new();
-    if (!a.base) {
-        pn_log_error("cannot create the event loop");
-        goto out_tls;
-    }
+static void wire_pasarguard(struct app *a)
+{
+    struct pn_config *cfg = a->cfg;
     struct pn_backend_opts bo = {
-        .base = a.base,
+        .base = a->base,
         .core_path = cfg->core_path,
         .assets = cfg->xray_assets_path,
         .start_timeout_ms = (unsigned)cfg->start_timeout * 1000,
@@ -153,23 +175,127 @@ int pn_app_run(struct pn_config *cfg)
         .debug = cfg->debug,
         .generated_config_path = cfg->generated_config_path,
     };
-    a.backend = pn_backend_new(&bo);
-    struct pn_pasarguard_opts po = {.base = a.base,
-                                    .api_key = cfg->api_key,
-                                    .backend = a.backend,
-                                    .node_version = PN_VERSION};
-    a.pg = pn_pasarguard_new(&po);
+    a->backend = pn_backend_new(&bo);
+    struct pn_pasarguard_opts po = {
+        .base = a->base,
+        .api_key = cfg->api_key,
+        .backend = a->backend,
+        .node_version = PN_VERSION,
+        .session_mode = cfg->profile == PN_PROFILE_GOZARGAH,
+        .max_log_per_request = cfg->max_log_per_request,
+        .long_poll_logs = cfg->max_log_per_request_set,
+    };
+    a->pg = pn_pasarguard_new(&po);
+    a->srv.on_request = pn_pasarguard_rest;
+    a->srv.arg = a->pg;
+    a->srv.grpc = pn_pasarguard_grpc(a->pg);
+    a->srv.allow_h2 = true;
+}
+
+static void split_inbounds(struct app *a, const char *csv)
+{
+    if (!csv)
+        return;
+    char *copy = strdup(csv), *save = NULL;
+    for (char *t = strtok_r(copy, ",", &save); t; t = strtok_r(NULL, ",", &save)) {
+        while (*t == ' ' || *t == '\t')
+            t++;
+        size_t n = strlen(t);
+        while (n && (t[n - 1] == ' ' || t[n - 1] == '\t'))
+            t[--n] = '\0';
+        if (!n)
+            continue;
+        a->inbounds = realloc(a->inbounds, (a->ninbounds + 1) * sizeof *a->inbounds);
+        a->inbounds[a->ninbounds++] = strdup(t);
+    }
+    free(copy);
+}
+
+static void on_mz_crash(void *arg)
+{
+    struct app *a = arg;
+    if (a->mzapi)
+        pn_marzban_invalidate_session(a->mzapi);
+}
+
+static void wire_marzban(struct app *a)
+{
+    struct pn_config *cfg = a->cfg;
+    split_inbounds(a, cfg->inbounds);
+    struct pn_mzcore_opts mo = {
+        .base = a->base,
+        .core_path = cfg->core_path,
+        .assets = cfg->xray_assets_path,
+        .api_host = cfg->xray_api_host,
+        .api_port = cfg->xray_api_port,
+        .cert_file = cfg->ssl_cert_file,
+        .key_file = cfg->ssl_key_file,
+        .inbounds = (const char *const *)a->inbounds,
+        .ninbounds = a->ninbounds,
+        .start_timeout_ms = (unsigned)cfg->start_timeout * 1000,
+        .start_wait_fixed = !strcmp(cfg->start_wait, "fixed"),
+        .restart_identical = !strcmp(cfg->restart_identical, "restart"),
+        .supervise = cfg->supervise,
+        .debug = cfg->debug,
+        .on_crash = on_mz_crash,
+        .arg = a,
+    };
+    a->mzcore = pn_mzcore_new(&mo);
+    struct pn_marzban_opts zo = {
+        .base = a->base,
+        .core = a->mzcore,
+        .connect_stops_core = cfg->connect_stops_core,
+    };
+    a->mzapi = pn_marzban_new(&zo);
+    a->srv.on_request = pn_marzban_rest;
+    a->srv.arg = a->mzapi;
+    a->srv.respond_error = pn_marzban_respond_error;
+    a->srv.allow_h2 = false; /* REST and WebSocket over HTTP/1.1 only */
+}
+
+int pn_app_run(struct pn_config *cfg)
+{
+    struct app a = {.cfg = cfg};
+    char err[512];
+    int status = 1;
+    bool marzban = cfg->profile == PN_PROFILE_MARZBAN;
+
+    pn_log_set_level(cfg->debug ? PN_LOG_DEBUG : PN_LOG_INFO);
+    if (pn_config_ensure_api_key(cfg, stdout, err, sizeof err) < 0) {
+        pn_log_error("%s", err);
+        return 1;
+    }
+    fflush(stdout);
+    if (check_client_cert(cfg) < 0 || prepare_certificate(cfg) < 0)
+        return 1;
+
+    struct pn_tls_opts to = {
+        .cert_file = cfg->ssl_cert_file,
+        .key_file = cfg->ssl_key_file,
+        .client_ca_file = cfg->profile == PN_PROFILE_PASARGUARD ? NULL : cfg->ssl_client_cert_file,
+        .alpn_h2 = !marzban,
+    };
+    if (pn_tls_new(&to, &a.tls, err, sizeof err) < 0) {
+        pn_log_error("TLS: %s", err);
+        return 1;
+    }
+    signal(SIGPIPE, SIG_IGN);
+    a.base = event_base_new();
+    if (!a.base) {
+        pn_log_error("cannot create the event loop");
+        goto out_tls;
+    }
     a.srv = (struct pn_http_server){
         .base = a.base,
-        .on_request = pn_pasarguard_rest,
-        .arg = a.pg,
-        .grpc = pn_pasarguard_grpc(a.pg),
-        .allow_h2 = true,
         .max_body = cfg->max_body,
         .max_header = 64 * 1024,
-        .idle_timeout_ms = 60000,
+        .idle_timeout_ms = (unsigned)cfg->http_idle_timeout * 1000,
         .header_timeout_ms = 10000,
     };
+    if (marzban)
+        wire_marzban(&a);
+    else
+        wire_pasarguard(&a);
     struct pn_listener_opts lo = {.host = cfg->node_host,
                                   .port = cfg->service_port,
                                   .tls = a.tls,
@@ -186,8 +312,10 @@ int pn_app_run(struct pn_config *cfg)
     event_add(a.ev_int, NULL);
     event_add(a.ev_hup, NULL);
 
-    pn_log_info("proxynode %s (%s profile) serving gRPC and REST on %s port %u", PN_VERSION,
-                pn_profile_name(cfg->profile), cfg->node_host, pn_listener_port(a.listener));
+    pn_log_info("proxynode %s (%s profile) serving %s on %s port %u", PN_VERSION,
+                pn_profile_name(cfg->profile),
+                marzban ? "REST and WebSocket" : "gRPC and REST", cfg->node_host,
+                pn_listener_port(a.listener));
     event_base_dispatch(a.base);
     pn_log_info("stopped");
     status = 0;
@@ -201,6 +329,11 @@ int pn_app_run(struct pn_config *cfg)
 out_api:
     pn_pasarguard_free(a.pg);
     pn_backend_free(a.backend);
+    pn_marzban_free(a.mzapi);
+    pn_mzcore_free(a.mzcore);
+    for (size_t i = 0; i < a.ninbounds; i++)
+        free(a.inbounds[i]);
+    free(a.inbounds);
     event_base_free(a.base);
 out_tls:
     pn_tls_free(a.tls);

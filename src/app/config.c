@@ -80,6 +80,8 @@ struct cfg_var {
 };
 
 static const char *const protocol_choices[] = {"grpc", "rest", NULL};
+static const char *const start_wait_choices[] = {"ready", "fixed", NULL};
+static const char *const restart_identical_choices[] = {"skip", "restart", NULL};
 static const char *const profile_choices[] = {"auto", "pasarguard", "gozargah", "marzban", NULL};
 
 /* The order here is the order of --help and check. Kept out of clang-format,
@@ -188,6 +190,26 @@ static const struct cfg_var vars[] = {
      .max = 4 * GIB, .profiles = P_MZ, .flags = F_OWN_PROFILES, .field = FIELD(max_body),
      .help = "Largest request body in the marzban profile, in bytes (a K, M or G suffix means "
              "KiB, MiB, GiB). The pasarguard and gozargah profiles use 64 MiB."},
+    {.name = "PROXYNODE_HTTP_IDLE_TIMEOUT", .type = VT_INT, .def = "60", .min = 1, .max = 3600,
+     .profiles = P_ALL, .field = FIELD(http_idle_timeout),
+     .help = "Seconds an HTTP connection with no open request or stream stays open (the "
+             "Marzban reference node used 5, shorter than the panel's 10 s poll)."},
+    {.name = "PROXYNODE_START_WAIT", .type = VT_ENUM, .def = "ready",
+     .choices = start_wait_choices, .profiles = P_MZ, .field = FIELD(start_wait),
+     .help = "When /start and /restart answer: as soon as the core is ready (ready), or after "
+             "a fixed 3 s like the reference node (fixed)."},
+    {.name = "PROXYNODE_CONNECT_STOPS_CORE", .type = VT_BOOL, .def = "false", .profiles = P_MZ,
+     .field = FIELD(connect_stops_core),
+     .help = "/connect and /disconnect stop a running core as the reference node does. "
+             "Default: the core keeps serving users across panel reconnects."},
+    {.name = "PROXYNODE_RESTART_IDENTICAL", .type = VT_ENUM, .def = "skip",
+     .choices = restart_identical_choices, .profiles = P_MZ, .field = FIELD(restart_identical),
+     .help = "A /restart whose rewritten config equals the running one: answered without "
+             "restarting (skip), or restarted like the reference node (restart)."},
+    {.name = "PROXYNODE_SUPERVISE", .type = VT_BOOL, .def = "true", .profiles = P_MZ,
+     .field = FIELD(supervise),
+     .help = "Restart a crashed core with the last config (and invalidate the panel session so "
+             "the panel pushes a fresh one). false: leave it stopped like the reference node."},
 };
 // clang-format on
 
@@ -619,9 +641,10 @@ int pn_config_load(struct pn_config *cfg, char *err, size_t errlen)
     case PN_PROFILE_GOZARGAH:
     case PN_PROFILE_MARZBAN:
         if (!cfg->ssl_client_cert_file) {
+            /* The Marzban reference node's own words, which operators search for. */
             rv = pn_seterr(err, errlen, PN_ERR_INVAL,
-                           "SSL_CLIENT_CERT_FILE: required in the %s profile (the panel's "
-                           "certificate, to verify its client certificate)",
+                           "SSL_CLIENT_CERT_FILE is required for rest service. (the %s profile "
+                           "verifies the panel's client certificate against it)",
                            pn_profile_name(cfg->profile));
             goto fail;
         }
@@ -657,6 +680,8 @@ void pn_config_free(struct pn_config *cfg)
         &cfg->xray_api_host,
         &cfg->inbounds,
         &cfg->state_dir,
+        &cfg->start_wait,
+        &cfg->restart_identical,
     };
     for (size_t i = 0; i < sizeof strs / sizeof strs[0]; i++)
         free(*strs[i]);

@@ -67,6 +67,11 @@ struct pn_config {
     long stats_bank_interval;   /* PROXYNODE_STATS_BANK_INTERVAL seconds */
     long start_timeout;         /* PROXYNODE_START_TIMEOUT seconds */
     size_t max_body;            /* 64 MiB (pasarguard, gozargah); PROXYNODE_MAX_BODY (marzban) */
+    long http_idle_timeout;     /* PROXYNODE_HTTP_IDLE_TIMEOUT seconds (60) */
+    char *start_wait;           /* PROXYNODE_START_WAIT: "ready" | "fixed" (marzban) */
+    bool connect_stops_core;    /* PROXYNODE_CONNECT_STOPS_CORE (marzban) */
+    char *restart_identical;    /* PROXYNODE_RESTART_IDENTICAL: "skip" | "restart" (marzban) */
+    bool supervise;             /* PROXYNODE_SUPERVISE (marzban; default true) */
 };
 
 /* Reads and validates every variable from the environment into cfg (which

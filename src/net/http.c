@@ -1,15 +1,27 @@
 /* The transport-neutral side of the HTTP server: request helpers that
  * dispatch to the carrying transport (http1.c or h2.c), Go-style plain-text
- * error answers, reason phrases, and the listener's connection list. */
+ * error answers, reason phrases, the listener's connection list, and the
+ * lingering close every transport (and the listener, after a failed TLS
+ * handshake) ends a connection with when the peer may still be sending. */
 #include "net/http.h"
 
+#include <errno.h>
+#include <event2/bufferevent.h>
+#include <event2/bufferevent_ssl.h>
+#include <event2/event.h>
+#include <fcntl.h>
+#include <openssl/err.h>
+#include <openssl/ssl.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <sys/socket.h>
+#include <unistd.h>
 
 #include "base/alloc.h"
 #include "base/err.h"
+#include "base/time.h"
 
 const char *pn_req_header(const struct pn_req *req, const char *name)
 {
@@ -79,6 +91,13 @@ int pn_req_stream_write(struct pn_req *req, const void *data, size_t len)
 int pn_req_stream_end(struct pn_req *req)
 {
     return req->ops->stream_end(req);
+}
+
+struct bufferevent *pn_req_take_over(struct pn_req *req, struct pn_conn_set **set)
+{
+    if (!req->ops->take_over)
+        return NULL;
+    return req->ops->take_over(req, set);
 }
 
 size_t pn_req_stream_pending(const struct pn_req *req)
@@ -153,4 +172,123 @@ void pn_conn_unlink(struct pn_conn *c)
     set->count--;
     c->set = NULL;
     c->prev = c->next = NULL;
+}
+
+/* ---- lingering close ------------------------------------------------------ */
+
+#define LINGER_MS 2000
+#define LINGER_MAX_SOCKETS 1024
+
+/* One socket between our FIN and its close (see pn_net_linger_close). */
+struct lingering {
+    struct pn_conn conn; /* first: the set holds &conn */
+    struct event *ev;    /* read, re-added with what is left of the 2 s */
+    int fd;
+    size_t bytes, max;
+    uint64_t deadline_ms;
+};
+
+static size_t linger_count; /* the node runs one event loop */
+
+/* Reads and drops what the peer sent so far. Returns true when the socket
+ * is finished with: EOF, an error (a reset), or max bytes read. */
+static bool linger_drain(int fd, size_t *bytes, size_t max)
+{
+    char buf[16384];
+    for (;;) {
+        ssize_t n = recv(fd, buf, sizeof buf, MSG_DONTWAIT);
+        if (n > 0) {
+            *bytes += (size_t)n;
+            if (*bytes >= max)
+                return true;
+            continue;
+        }
+        if (n < 0 && errno == EINTR)
+            continue;
+        return !(n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK));
+    }
+}
+
+static void linger_free(struct lingering *l)
+{
+    pn_conn_unlink(&l->conn);
+    event_free(l->ev);
+    close(l->fd);
+    linger_count--;
+    free(l);
+}
+
+static void linger_cb(evutil_socket_t fd, short what, void *arg)
+{
+    struct lingering *l = arg;
+    if (!(what & EV_TIMEOUT) && !linger_drain((int)fd, &l->bytes, l->max)) {
+        uint64_t now = pn_now_ms();
+        if (now < l->deadline_ms) {
+            uint64_t left = l->deadline_ms - now;
+            struct timeval tv = {(time_t)(left / 1000), (suseconds_t)(left % 1000) * 1000};
+            event_add(l->ev, &tv);
+            return;
+        }
+    }
+    linger_free(l);
+}
+
+static void linger_shutdown(struct pn_conn *c)
+{
+    (void)c; /* it ends by itself within 2 s */
+}
+
+static void linger_destroy(struct pn_conn *c)
+{
+    linger_free((struct lingering *)c);
+}
+
+static const struct pn_conn_ops linger_ops = {
+    .shutdown = linger_shutdown,
+    .destroy = linger_destroy,
+};
+
+void pn_net_linger_close(struct bufferevent *bev, struct pn_conn_set *set, size_t max_bytes)
+{
+    evutil_socket_t fd = bufferevent_getfd(bev);
+    if (fd < 0) {
+        bufferevent_free(bev);
+        return;
+    }
+    /* Stop watching fd before it is closed while its dup lives on: epoll
+     * keys on the open file, not on the descriptor number. */
+    bufferevent_disable(bev, EV_READ | EV_WRITE);
+    bufferevent_setcb(bev, NULL, NULL, NULL, NULL);
+    SSL *ssl = bufferevent_openssl_get_ssl(bev);
+    if (ssl) {
+        if (SSL_is_init_finished(ssl))
+            SSL_shutdown(ssl); /* close_notify, written straight to the socket */
+        ERR_clear_error();
+    }
+    struct event_base *base = bufferevent_get_base(bev);
+    int dfd = fcntl((int)fd, F_DUPFD_CLOEXEC, 0);
+    bufferevent_free(bev);
+    if (dfd < 0)
+        return; /* the free closed the only descriptor */
+    /* The order of the spec (marzban 1.4): drop what is buffered, FIN at
+     * once, then drain until EOF, 2 s or max_bytes. */
+    size_t bytes = 0;
+    bool done = linger_drain(dfd, &bytes, max_bytes);
+    shutdown(dfd, SHUT_WR);
+    if (done || linger_count >= LINGER_MAX_SOCKETS) {
+        close(dfd);
+        return;
+    }
+    struct lingering *l = pn_new(struct lingering);
+    l->conn.ops = &linger_ops;
+    l->conn.peer.alpn = "";
+    l->fd = dfd;
+    l->bytes = bytes;
+    l->max = max_bytes;
+    l->deadline_ms = pn_now_ms() + LINGER_MS;
+    l->ev = event_new(base, dfd, EV_READ, linger_cb, l);
+    struct timeval tv = {LINGER_MS / 1000, (LINGER_MS % 1000) * 1000};
+    event_add(l->ev, &tv);
+    linger_count++;
+    pn_conn_link(&l->conn, set);
 }

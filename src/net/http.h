@@ -22,6 +22,7 @@ struct bufferevent;
 struct pn_grpc_service;
 struct pn_req;
 struct pn_conn;
+struct pn_conn_set;
 
 struct pn_http_header {
     const char *name; /* lower-case on requests */
@@ -87,6 +88,8 @@ struct pn_req_ops {
     int (*stream_write)(struct pn_req *req, const void *data, size_t len);
     int (*stream_end)(struct pn_req *req);
     size_t (*stream_pending)(const struct pn_req *req);
+    /* Hands the connection over (WebSocket); NULL when not possible. */
+    struct bufferevent *(*take_over)(struct pn_req *req, struct pn_conn_set **set);
 };
 
 /* First value of a header, case-insensitive name; NULL when absent. */
@@ -112,6 +115,16 @@ int pn_req_stream_start(struct pn_req *req, int status, const struct pn_http_hea
 int pn_req_stream_write(struct pn_req *req, const void *data, size_t len);
 int pn_req_stream_end(struct pn_req *req);
 size_t pn_req_stream_pending(const struct pn_req *req);
+
+/* Takes the connection away from the HTTP server for another protocol
+ * (WebSocket: pn_ws_accept takes over, then writes its 101 itself): allowed
+ * for the request being handled before any answer started. Returns the
+ * bufferevent (callbacks and timeouts cleared; unread input, i.e. what
+ * followed the request head, stays in it) and the listener's connection
+ * set the new owner must link into. The request and the HTTP connection
+ * are gone afterwards. NULL for transports that cannot (HTTP/2), while an
+ * answer is in progress, or after the peer's FIN. */
+struct bufferevent *pn_req_take_over(struct pn_req *req, struct pn_conn_set **set);
 
 /* Registers the handler's callbacks for an answer it gives later. */
 void pn_req_set_callbacks(struct pn_req *req, void (*on_close)(struct pn_req *, void *),
@@ -148,5 +161,17 @@ struct pn_conn {
  * call twice. */
 void pn_conn_link(struct pn_conn *c, struct pn_conn_set *set);
 void pn_conn_unlink(struct pn_conn *c);
+
+/* Closes a connection without a reset (lingering close): sends TLS
+ * close_notify when a handshake completed, discards what the peer already
+ * sent, sends FIN at once (shutdown SHUT_WR on a dup of the socket, so
+ * freeing bev does not close it with unread data), then keeps reading and
+ * dropping the peer's bytes until EOF, 2 s or max_bytes, and closes. Steals
+ * bev (BEV_OPT_CLOSE_ON_FREE); its unsent output is dropped, so callers
+ * flush first. The lingering socket is tracked in set as a connection
+ * (destroy closes it at once; shutdown lets it finish); with set NULL the
+ * caller must keep the loop running for 2 s. Without a socket (a
+ * bufferevent pair), or beyond 1024 lingering sockets, it closes at once. */
+void pn_net_linger_close(struct bufferevent *bev, struct pn_conn_set *set, size_t max_bytes);
 
 #endif

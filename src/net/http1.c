@@ -1,33 +1,28 @@
 /* HTTP/1.1 server connections (see http1.h). A connection owns its
  * bufferevent, one http-parser, the request being parsed and the request
- * being answered, and three events: a timer (idle, slow header block, stalled
- * body, stalled flush, lingering close), a deferred event that runs work and
- * frees the connection outside library callbacks, and the read event of the
- * lingering close.
+ * being answered, and two events: a timer (idle, slow header block, stalled
+ * body, stalled flush) and a deferred event that runs work and frees the
+ * connection outside library callbacks.
  *
  * Requests are answered one at a time and in order: the parser pauses at the
  * end of each request, and the bytes of pipelined requests wait in the input
  * buffer until the answer is complete. A connection that ends with
- * `Connection: close` flushes its answer, sends FIN and then keeps reading
- * for a short while (lingering close), so a peer still sending does not get
- * a reset that would destroy the answer in flight. */
+ * `Connection: close` flushes its answer and hands the socket to the shared
+ * lingering close (pn_net_linger_close: FIN, then reading for a short
+ * while), so a peer still sending does not get a reset that would destroy
+ * the answer in flight. A WebSocket upgrade takes the connection away
+ * (h1_take_over): the bufferevent goes to ws.c, the rest is freed. */
 #include "net/http1.h"
 
-#include <errno.h>
 #include <event2/buffer.h>
 #include <event2/bufferevent.h>
-#include <event2/bufferevent_ssl.h>
 #include <event2/event.h>
 #include <http_parser.h>
-#include <openssl/err.h>
-#include <openssl/ssl.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
-#include <sys/socket.h>
 #include <time.h>
-#include <unistd.h>
 
 #include "base/alloc.h"
 #include "base/buf.h"
@@ -42,7 +37,6 @@
  * drain stops at 64 KiB; here a client may be in the middle of writing a big
  * body piece when its 413 goes out, and closing on unread data would reset
  * the connection and could destroy the answer. */
-#define H1_LINGER_MS 2000
 #define H1_LINGER_MAX (4 * 1024 * 1024)
 
 /* Where a connection is. Timers and input handling follow from it. */
@@ -52,7 +46,6 @@ enum h1_phase {
     H1_BODY,    /* reading a body: idle timeout re-armed on every read */
     H1_HANDLER, /* a request is with the handler (or streaming): no timeout */
     H1_CLOSING, /* flushing the last answer, input discarded */
-    H1_LINGER,  /* bufferevent gone, FIN sent, draining the socket */
     H1_DEAD,    /* freed by the deferred event */
 };
 
@@ -91,9 +84,6 @@ struct h1_conn {
     struct bufferevent *bev;
     struct event *timer;
     struct event *defer;
-    struct event *linger_ev;
-    int linger_fd;
-    size_t linger_bytes;
     http_parser parser;
     enum h1_phase phase;
     struct h1_req *cur;    /* being parsed */
@@ -246,8 +236,6 @@ static void h1_arm_timer(struct h1_conn *c)
     case H1_DEAD:
         h1_arm_ms(c, 0);
         break;
-    case H1_LINGER:
-        break; /* armed once when the lingering starts */
     }
 }
 
@@ -281,10 +269,6 @@ static void h1_free(struct h1_conn *c)
     h1_req_free(c->cur);
     if (c->bev)
         bufferevent_free(c->bev);
-    if (c->linger_ev)
-        event_free(c->linger_ev);
-    if (c->linger_fd >= 0)
-        close(c->linger_fd);
     event_free(c->timer);
     event_free(c->defer);
     pn_conn_unlink(&c->base);
@@ -303,8 +287,6 @@ static void h1_kill(struct h1_conn *c)
         bufferevent_disable(c->bev, EV_READ | EV_WRITE);
         bufferevent_setcb(c->bev, NULL, NULL, NULL, NULL);
     }
-    if (c->linger_ev)
-        event_del(c->linger_ev);
     evtimer_del(c->timer);
     h1_schedule(c);
 }
@@ -320,59 +302,17 @@ static void h1_close_after_flush(struct h1_conn *c)
     h1_schedule(c);
 }
 
-static void h1_linger_read(evutil_socket_t fd, short what, void *arg)
-{
-    (void)what;
-    struct h1_conn *c = arg;
-    char buf[16384];
-    for (;;) {
-        ssize_t n = read(fd, buf, sizeof buf);
-        if (n > 0) {
-            c->linger_bytes += (size_t)n;
-            if (c->linger_bytes > H1_LINGER_MAX) {
-                h1_kill(c);
-                return;
-            }
-            continue;
-        }
-        if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR))
-            return;
-        h1_kill(c); /* EOF or a socket error */
-        return;
-    }
-}
-
-/* The answer is out: send close_notify and FIN, then read and drop what the
- * peer still sends until EOF, 2 s or 4 MiB, so the close does not turn into
- * a reset that could destroy the answer before the peer read it. Without a
- * socket (a bufferevent pair) or after the peer's FIN, close now. */
+/* The answer is out: hand the socket to the lingering close (close_notify,
+ * FIN, then reading and dropping what the peer still sends until EOF, 2 s or
+ * 4 MiB), so the close does not turn into a reset that could destroy the
+ * answer before the peer read it. After the peer's FIN, close now. */
 static void h1_linger_start(struct h1_conn *c)
 {
-    int fd = (int)bufferevent_getfd(c->bev);
-    if (fd < 0 || c->peer_eof) {
-        h1_kill(c);
-        return;
+    if (!c->peer_eof) {
+        pn_net_linger_close(c->bev, c->base.set, H1_LINGER_MAX);
+        c->bev = NULL;
     }
-    /* Stop watching fd before it is closed while its dup lives on: epoll
-     * keys on the open file, not on the descriptor number. */
-    bufferevent_disable(c->bev, EV_READ | EV_WRITE);
-    SSL *ssl = bufferevent_openssl_get_ssl(c->bev);
-    if (ssl) {
-        SSL_shutdown(ssl);
-        ERR_clear_error();
-    }
-    c->linger_fd = dup(fd);
-    bufferevent_free(c->bev);
-    c->bev = NULL;
-    if (c->linger_fd < 0) {
-        h1_kill(c);
-        return;
-    }
-    shutdown(c->linger_fd, SHUT_WR);
-    c->phase = H1_LINGER;
-    c->linger_ev = event_new(c->srv->base, c->linger_fd, EV_READ | EV_PERSIST, h1_linger_read, c);
-    event_add(c->linger_ev, NULL);
-    h1_arm_ms(c, H1_LINGER_MS);
+    h1_kill(c);
 }
 
 /* ---- answers ------------------------------------------------------------ */
@@ -541,12 +481,47 @@ static size_t h1_stream_pending(const struct pn_req *req)
     return evbuffer_get_length(bufferevent_get_output(c->bev));
 }
 
+/* Gives the connection to a WebSocket (pn_req_take_over): only for the
+ * request being handled, before any answer was started, and while the peer
+ * has not sent FIN. The bufferevent leaves with its callbacks, timeouts and
+ * watermarks cleared and its input kept (bytes after the request head are
+ * the new protocol's), after whatever earlier answers are still flushing;
+ * the request and the connection are freed (now, or from the deferred event
+ * when our code is on the stack). */
+static struct bufferevent *h1_take_over(struct pn_req *req, struct pn_conn_set **set)
+{
+    struct h1_conn *c;
+    if (h1_check(req, &c) < 0)
+        return NULL;
+    struct h1_req *r = req->transport;
+    if (r->streaming || c->phase != H1_HANDLER || c->peer_eof || !c->bev)
+        return NULL;
+    struct bufferevent *bev = c->bev;
+    c->bev = NULL;
+    bufferevent_setcb(bev, NULL, NULL, NULL, NULL);
+    bufferevent_set_timeouts(bev, NULL, NULL);
+    bufferevent_setwatermark(bev, EV_READ | EV_WRITE, 0, 0);
+    if (set)
+        *set = c->base.set;
+    pn_conn_unlink(&c->base);
+    c->active = NULL;
+    h1_req_free(r);
+    if (c->depth > 0) {
+        h1_kill(c);
+    } else {
+        c->phase = H1_DEAD;
+        h1_free(c);
+    }
+    return bev;
+}
+
 static const struct pn_req_ops h1_req_ops = {
     .respond = h1_respond,
     .stream_start = h1_stream_start,
     .stream_write = h1_stream_write,
     .stream_end = h1_stream_end,
     .stream_pending = h1_stream_pending,
+    .take_over = h1_take_over,
 };
 
 /* ---- requests to the handler -------------------------------------------- */
@@ -911,7 +886,6 @@ static void h1_shutdown(struct pn_conn *base)
         c->close_after = true;
         break;
     case H1_CLOSING:
-    case H1_LINGER:
     case H1_DEAD:
         break;
     }
@@ -941,7 +915,6 @@ struct pn_conn *pn_http1_conn_new(struct bufferevent *bev, const struct pn_http_
     c->base.peer = *peer;
     c->srv = srv;
     c->bev = bev;
-    c->linger_fd = -1;
     c->phase = H1_IDLE;
     c->timer = evtimer_new(srv->base, h1_timer_cb, c);
     c->defer = event_new(srv->base, -1, 0, h1_defer_cb, c);

@@ -1,7 +1,15 @@
 /* The node's TLS port (see listener.h). Accepted sockets live here as
  * "pending" connections through the TLS handshake and the first-bytes
  * sniff, then are handed to http1.c or h2.c, which own them from there on.
- * The listener keeps every connection in one set so shutdown reaches all. */
+ * The listener keeps every connection in one set so shutdown reaches all.
+ *
+ * A handshake that fails (a plaintext probe such as Marzban's
+ * `HEAD / HTTP/1.0`, garbage, a wrong version) or times out must end in a
+ * clean FIN, never a reset: the Marzban panel reads a reset as "this is an
+ * RPyC node" (marzban spec 1.4). Closing a socket with unread bytes in its
+ * receive buffer makes the kernel send RST, so those connections go through
+ * the lingering close (discard, shutdown SHUT_WR at once, drain until EOF,
+ * 2 s or 64 KiB, close). */
 #include "net/listener.h"
 
 #include <arpa/inet.h>
@@ -27,6 +35,8 @@
 
 static const char h2_preface[] = "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 #define H2_PREFACE_LEN (sizeof h2_preface - 1)
+/* What a peer whose handshake failed may still send before we close. */
+#define PENDING_LINGER_MAX (64 * 1024)
 
 struct pn_listener {
     struct pn_listener_opts opts;
@@ -59,8 +69,24 @@ static void pending_destroy(struct pn_conn *c)
     pending_free((struct pending *)c, true);
 }
 
+/* Ends a connection that never reached HTTP with a FIN the peer can read
+ * (an empty read, or the TLS alert and then EOF), not a reset. */
+static void pending_linger(struct pending *p)
+{
+    struct bufferevent *bev = p->bev;
+    struct pn_conn_set *set = &p->l->conns;
+    p->bev = NULL;
+    pending_free(p, false);
+    pn_net_linger_close(bev, set, PENDING_LINGER_MAX);
+}
+
+static void pending_shutdown(struct pn_conn *c)
+{
+    pending_linger((struct pending *)c); /* nothing to finish before a request exists */
+}
+
 static const struct pn_conn_ops pending_ops = {
-    .shutdown = pending_destroy, /* nothing to finish before a request exists */
+    .shutdown = pending_shutdown,
     .destroy = pending_destroy,
 };
 
@@ -124,7 +150,7 @@ static void pending_event(struct bufferevent *bev, short what, void *arg)
                          p->conn.peer.port, buf);
         }
     }
-    pending_free(p, true);
+    pending_linger(p);
 }
 
 static void pending_timeout(evutil_socket_t fd, short what, void *arg)
@@ -132,7 +158,7 @@ static void pending_timeout(evutil_socket_t fd, short what, void *arg)
     struct pending *p = arg;
     pn_log_debug("connection from %s:%u: no request within the handshake timeout",
                  p->conn.peer.ip, p->conn.peer.port);
-    pending_free(p, true);
+    pending_linger(p);
 }
 
 /* Formats the peer address, showing IPv4-mapped IPv6 addresses as IPv4

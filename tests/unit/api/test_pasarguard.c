@@ -4,7 +4,12 @@
  * → HTTP status map (§7.1), and, through a fake REST transport and a real
  * backend with no core, the route/guard/Start error paths and the log
  * stream (backlog, batching, backpressure with drops, end at session end,
- * client close). */
+ * client close). Legacy session mode (spec §4, §5.3): the REST and gRPC
+ * session checks in the reference's order with its codes and texts, Go's
+ * uuid.Parse error texts, the session's lifetime (Start replaces it, Stop
+ * closes it, keep-alive alone does not), and long-poll logs (at most
+ * MAX_LOG_PER_REQUEST lines, no line twice across requests, 204 on
+ * timeout, answers at session end, client close). */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -505,8 +510,8 @@ static size_t f_stream_pending(const struct pn_req *req)
     return ((const struct fake_req *)req)->pending;
 }
 
-static const struct pn_req_ops fake_ops = {f_respond, f_stream_start, f_stream_write, f_stream_end,
-                                           f_stream_pending};
+static const struct pn_req_ops fake_ops = {f_respond,    f_stream_start,   f_stream_write,
+                                           f_stream_end, f_stream_pending, NULL};
 
 static struct fake_req *fake_new(const char *method, const char *path, const char *key,
                                  const void *body, size_t len)
@@ -557,6 +562,34 @@ static int env_new(void **state, size_t ring)
 static int env_setup(void **state)
 {
     return env_new(state, 4);
+}
+
+/* The gozargah profile: session mode, MAX_LOG_PER_REQUEST = 3 set or not. */
+static int env_new_session(void **state, bool long_poll_always)
+{
+    struct env *e = calloc(1, sizeof *e);
+    e->base = event_base_new();
+    struct pn_backend_opts bo = {.base = e->base, .core_path = NULL, .log_buffer_size = 16};
+    e->b = pn_backend_new(&bo);
+    struct pn_pasarguard_opts po = {.backend = e->b,
+                                    .node_version = "0.2.0",
+                                    .base = e->base,
+                                    .session_mode = true,
+                                    .max_log_per_request = 3,
+                                    .long_poll_logs = long_poll_always};
+    e->pg = pn_pasarguard_new(&po);
+    *state = e;
+    return 0;
+}
+
+static int env_setup_session(void **state)
+{
+    return env_new_session(state, false);
+}
+
+static int env_setup_session_poll(void **state)
+{
+    return env_new_session(state, true);
 }
 
 static int env_setup_ring16(void **state)
@@ -789,6 +822,403 @@ static void test_logs_batches(void **state)
     fake_free(f);
 }
 
+/* ---- legacy session mode: the checks ---------------------------------------------- */
+
+static const char *const SID = "0f6c2a4e-8d1b-4c7a-9e3f-5a6b7c8d9e0f";
+/* A well-formed id that is not the session's (the API key, too). */
+#define OTHER_BEARER "Bearer 5f0b9a52-2b6c-4f3e-9d43-1c1b6f1e2a77"
+
+static struct session test_session(void)
+{
+    struct session s;
+    memset(&s, 0, sizeof s);
+    s.active = true;
+    assert_int_equal(pn_uuid_parse(SID, strlen(SID), &s.id), PN_OK);
+    snprintf(s.ip, sizeof s.ip, "127.0.0.1");
+    return s;
+}
+
+static void expect_rest_check(const struct session *s, const char *ip, const char *auth, int status,
+                              const char *text)
+{
+    const struct api_error *e = check_session_rest(s, ip, auth);
+    if (!text) {
+        if (e)
+            fail_msg("ip %s auth %s: refused %d %s", ip, auth ? auth : "NULL", e->http_status,
+                     e->text);
+        return;
+    }
+    if (!e)
+        fail_msg("ip %s auth %s: accepted, want %d %s", ip, auth ? auth : "NULL", status, text);
+    assert_int_equal(e->http_status, status);
+    assert_string_equal(e->text, text);
+}
+
+static void test_session_rest_checks(void **state)
+{
+    struct session none;
+    memset(&none, 0, sizeof none);
+    struct session s = test_session();
+    char good[64], upper[64], urn[80], hex[40];
+    snprintf(good, sizeof good, "Bearer %s", SID);
+
+    /* no session: 425 before anything else, even a wrong IP and no header */
+    expect_rest_check(&none, "127.0.0.2", NULL, 425, "please connect first");
+    expect_rest_check(&none, "127.0.0.1", good, 425, "please connect first");
+    /* the IP comes before the header */
+    expect_rest_check(&s, "127.0.0.2", NULL, 403, "IP address is not valid");
+    expect_rest_check(&s, "127.0.0.2", good, 403, "IP address is not valid");
+    expect_rest_check(&s, "", good, 403, "IP address is not valid");
+    /* header missing or empty: 401 please connect first */
+    expect_rest_check(&s, "127.0.0.1", NULL, 401, "please connect first");
+    expect_rest_check(&s, "127.0.0.1", "", 401, "please connect first");
+    /* not exactly two space-separated parts */
+    expect_rest_check(&s, "127.0.0.1", "Bearer", 401, "invalid Authorization header format");
+    expect_rest_check(&s, "127.0.0.1", SID, 401, "invalid Authorization header format");
+    char two_spaces[80];
+    snprintf(two_spaces, sizeof two_spaces, "Bearer  %s", SID);
+    expect_rest_check(&s, "127.0.0.1", two_spaces, 401, "invalid Authorization header format");
+    expect_rest_check(&s, "127.0.0.1", "Bearer a b", 401, "invalid Authorization header format");
+    /* two parts, the second not a UUID */
+    expect_rest_check(&s, "127.0.0.1", "Bearer ", 422, "please send valid uuid");
+    expect_rest_check(&s, "127.0.0.1", "Bearer nope", 422, "please send valid uuid");
+    /* a UUID, not the session's */
+    expect_rest_check(&s, "127.0.0.1", OTHER_BEARER, 403, "session id mismatch.");
+    /* accepted: REST does not look at the first part; the UUID forms Go takes */
+    expect_rest_check(&s, "127.0.0.1", good, 0, NULL);
+    snprintf(upper, sizeof upper, "Token %s", "0F6C2A4E-8D1B-4C7A-9E3F-5A6B7C8D9E0F");
+    expect_rest_check(&s, "127.0.0.1", upper, 0, NULL);
+    snprintf(urn, sizeof urn, "bearer urn:uuid:%s", SID);
+    expect_rest_check(&s, "127.0.0.1", urn, 0, NULL);
+    snprintf(hex, sizeof hex, "x 0f6c2a4e8d1b4c7a9e3f5a6b7c8d9e0f");
+    expect_rest_check(&s, "127.0.0.1", hex, 0, NULL);
+}
+
+static void expect_grpc_check(const struct session *s, const char *auth, enum pn_grpc_code code,
+                              const char *text)
+{
+    char detail[160] = "";
+    const struct api_error *e = check_session_grpc(s, auth, detail, sizeof detail);
+    if (!text) {
+        if (e)
+            fail_msg("auth %s: refused %d %s", auth ? auth : "NULL", e->grpc_code, e->text);
+        return;
+    }
+    if (!e)
+        fail_msg("auth %s: accepted, want %d %s", auth ? auth : "NULL", code, text);
+    assert_int_equal(e->grpc_code, code);
+    assert_string_equal(detail[0] ? detail : e->text, text);
+}
+
+static void test_session_grpc_checks(void **state)
+{
+    struct session none;
+    memset(&none, 0, sizeof none);
+    struct session s = test_session();
+    char good[64], lower[64], other[64];
+    snprintf(good, sizeof good, "Bearer %s", SID);
+
+    expect_grpc_check(&none, NULL, PN_GRPC_UNAUTHENTICATED, "please connect first");
+    expect_grpc_check(&none, good, PN_GRPC_UNAUTHENTICATED, "please connect first");
+    expect_grpc_check(&s, NULL, PN_GRPC_UNAUTHENTICATED, "missing authorization header");
+    /* gRPC wants the literal word Bearer, one space, the id */
+    expect_grpc_check(&s, "", PN_GRPC_INVALID_ARGUMENT, "invalid authorization header format");
+    expect_grpc_check(&s, SID, PN_GRPC_INVALID_ARGUMENT, "invalid authorization header format");
+    snprintf(lower, sizeof lower, "bearer %s", SID);
+    expect_grpc_check(&s, lower, PN_GRPC_INVALID_ARGUMENT, "invalid authorization header format");
+    snprintf(other, sizeof other, "Token %s", SID);
+    expect_grpc_check(&s, other, PN_GRPC_INVALID_ARGUMENT, "invalid authorization header format");
+    expect_grpc_check(&s, "Bearerx y", PN_GRPC_INVALID_ARGUMENT,
+                      "invalid authorization header format");
+    expect_grpc_check(&s, "Bearer a b", PN_GRPC_INVALID_ARGUMENT,
+                      "invalid authorization header format");
+    /* not a UUID: Go's uuid.Parse texts */
+    expect_grpc_check(&s, "Bearer nope", PN_GRPC_INVALID_ARGUMENT,
+                      "invalid session ID: invalid UUID length: 4");
+    expect_grpc_check(&s, "Bearer ", PN_GRPC_INVALID_ARGUMENT,
+                      "invalid session ID: invalid UUID length: 0");
+    expect_grpc_check(&s, "Bearer 0f6c2a4e-8d1b-4c7a-9e3f-5a6b7c8d9e0g", PN_GRPC_INVALID_ARGUMENT,
+                      "invalid session ID: invalid UUID format");
+    expect_grpc_check(&s, "Bearer 0f6c2a4e_8d1b-4c7a-9e3f-5a6b7c8d9e0f", PN_GRPC_INVALID_ARGUMENT,
+                      "invalid session ID: invalid UUID format");
+    expect_grpc_check(&s, "Bearer 0f6c2a4e8d1b4c7a9e3f5a6b7c8d9e0z", PN_GRPC_INVALID_ARGUMENT,
+                      "invalid session ID: invalid UUID format");
+    expect_grpc_check(&s, "Bearer urn:uuix:0f6c2a4e-8d1b-4c7a-9e3f-5a6b7c8d9e0f",
+                      PN_GRPC_INVALID_ARGUMENT,
+                      "invalid session ID: invalid urn prefix: \"urn:uuix:\"");
+    expect_grpc_check(&s, OTHER_BEARER, PN_GRPC_PERMISSION_DENIED, "session ID mismatch");
+    expect_grpc_check(&s, good, 0, NULL);
+    snprintf(other, sizeof other, "Bearer %s", "0F6C2A4E-8D1B-4C7A-9E3F-5A6B7C8D9E0F");
+    expect_grpc_check(&s, other, 0, NULL);
+}
+
+static void test_go_quote(void **state)
+{
+    char q[64];
+    go_quote("a\"b\\c\n\x01", 7, q, sizeof q);
+    assert_string_equal(q, "\"a\\\"b\\\\c\\x0a\\x01\"");
+}
+
+/* ---- legacy session mode: REST through the fake transport ----------------------------- */
+
+/* A request from ip with a verified client certificate and, when auth is
+ * not NULL, an Authorization header (and Accept when accept is not NULL). */
+static struct fake_req *sreq_new(const char *method, const char *path, const char *ip,
+                                 const char *auth, const char *accept)
+{
+    struct fake_req *f = fake_new(method, path, NULL, NULL, 0);
+    size_t nh = 0;
+    if (auth)
+        f->hdrs[nh++] = (struct pn_http_header){"authorization", auth};
+    if (accept)
+        f->hdrs[nh++] = (struct pn_http_header){"accept", accept};
+    f->req.nheaders = nh;
+    snprintf(f->peer.ip, sizeof f->peer.ip, "%s", ip);
+    f->peer.client_cert_verified = true;
+    return f;
+}
+
+static struct fake_req *srest(struct env *e, const char *method, const char *path, const char *ip,
+                              const char *auth)
+{
+    struct fake_req *f = sreq_new(method, path, ip, auth, NULL);
+    pn_pasarguard_rest(&f->req, e->pg);
+    spin(e);
+    return f;
+}
+
+static void bearer(struct env *e, char *out, size_t outlen)
+{
+    char sid[PN_UUID_STRLEN + 1];
+    pn_uuid_format(&e->pg->sess.id, sid);
+    snprintf(out, outlen, "Bearer %s", sid);
+}
+
+static void test_session_rest_flow(void **state)
+{
+    struct env *e = *state;
+    char auth[64];
+
+    /* without a verified client certificate nothing passes, Start included */
+    struct fake_req *f = fake_new("POST", "/start", NULL, NULL, 0);
+    pn_pasarguard_rest(&f->req, e->pg);
+    expect_text(f, 401, "client certificate required");
+
+    /* no session: every call but Start, unknown paths too */
+    expect_text(srest(e, "GET", "/info", "127.0.0.1", NULL), 425, "please connect first");
+    expect_text(srest(e, "GET", "/nope", "127.0.0.1", NULL), 425, "please connect first");
+    expect_text(srest(e, "GET", "/info", "127.0.0.1", OTHER_BEARER), 425, "please connect first");
+    /* the API key means nothing in session mode */
+    expect_text(rest(e, "GET", "/info", KEY, NULL, 0), 401, "client certificate required");
+
+    /* Start needs no session: it reaches its handler (no core here) */
+    f = srest(e, "POST", "/start", "127.0.0.1", NULL);
+    assert_int_equal(f->status, 503);
+    assert_true(strncmp((char *)f->body.data, "failed to start xray:", 21) == 0);
+    fake_free(f);
+    f = srest(e, "GET", "/start", "127.0.0.1", NULL);
+    assert_int_equal(f->status, 405);
+    fake_free(f);
+    assert_false(e->pg->sess.active); /* a failed Start opens no session */
+
+    /* a session as a successful Start opens it */
+    assert_int_equal(session_begin(e->pg, "127.0.0.1"), PN_OK);
+    bearer(e, auth, sizeof auth);
+    f = srest(e, "GET", "/info", "127.0.0.1", auth);
+    assert_int_equal(f->status, 200);
+    Service__BaseInfoResponse *info =
+        service__base_info_response__unpack(NULL, f->body.len, f->body.data);
+    assert_non_null(info);
+    assert_string_equal(info->session_id, auth + 7);
+    assert_string_equal(info->extra, "");
+    service__base_info_response__free_unpacked(info, NULL);
+    fake_free(f);
+    expect_text(srest(e, "GET", "/info", "127.0.0.2", auth), 403, "IP address is not valid");
+    expect_text(srest(e, "GET", "/info", "127.0.0.1", NULL), 401, "please connect first");
+    expect_text(srest(e, "GET", "/info", "127.0.0.1", "Bearer"), 401,
+                "invalid Authorization header format");
+    expect_text(srest(e, "GET", "/info", "127.0.0.1", "Bearer x"), 422, "please send valid uuid");
+    expect_text(srest(e, "GET", "/info", "127.0.0.1", OTHER_BEARER), 403, "session id mismatch.");
+    /* after the session check: routes and guard as usual */
+    expect_text(srest(e, "GET", "/nope", "127.0.0.1", auth), 404, "404 page not found");
+    expect_text(srest(e, "GET", "/stats", "127.0.0.1", auth), 500, "backend not initialized");
+
+    /* a new Start replaces the session: the old id is refused */
+    char old[64];
+    snprintf(old, sizeof old, "%s", auth);
+    assert_int_equal(session_begin(e->pg, "127.0.0.2"), PN_OK);
+    bearer(e, auth, sizeof auth);
+    assert_string_not_equal(auth, old);
+    expect_text(srest(e, "GET", "/info", "127.0.0.2", old), 403, "session id mismatch.");
+    expect_text(srest(e, "GET", "/info", "127.0.0.1", auth), 403, "IP address is not valid");
+    f = srest(e, "GET", "/info", "127.0.0.2", auth);
+    assert_int_equal(f->status, 200);
+    fake_free(f);
+
+    /* Stop (the backend's session ends with no core): the session closes */
+    int stopped = 0;
+    assert_int_equal(pn_backend_stop(e->b, stop_cb, &stopped, NULL), PN_OK);
+    spin(e);
+    assert_int_equal(stopped, 1);
+    expect_text(srest(e, "GET", "/info", "127.0.0.2", auth), 425, "please connect first");
+    /* ... and the listener is back for the next session */
+    assert_int_equal(session_begin(e->pg, "127.0.0.1"), PN_OK);
+    stopped = 0;
+    assert_int_equal(pn_backend_stop(e->b, stop_cb, &stopped, NULL), PN_OK);
+    spin(e);
+    assert_false(e->pg->sess.active);
+}
+
+/* ---- long-poll logs ------------------------------------------------------------------------ */
+
+/* The LogList in f's body as "a,b,c". */
+static void expect_loglist(struct fake_req *f, int status, const char *want)
+{
+    assert_int_equal(f->status, status);
+    assert_string_equal(f->ctype, "application/x-protobuf");
+    Service__LogList *m = service__log_list__unpack(NULL, f->body.len, f->body.data);
+    assert_non_null(m);
+    char got[512] = "";
+    for (size_t i = 0; i < m->n_logs; i++)
+        snprintf(got + strlen(got), sizeof got - strlen(got), "%s%s", i ? "," : "", m->logs[i]);
+    service__log_list__free_unpacked(m, NULL);
+    if (strcmp(got, want) != 0)
+        fail_msg("LogList %s, want %s", got, want);
+}
+
+static struct fake_req *poll_start(struct env *e, const char *accept)
+{
+    char auth[64];
+    bearer(e, auth, sizeof auth);
+    struct fake_req *f = sreq_new("GET", "/logs", "127.0.0.1", NULL, accept);
+    h_logs(e->pg, (struct reply){.req = &f->req}, NULL, 0);
+    return f;
+}
+
+static void test_long_poll(void **state)
+{
+    struct env *e = *state;
+    assert_int_equal(session_begin(e->pg, "127.0.0.1"), PN_OK);
+    push(e, "a");
+    push(e, "b");
+    push(e, "c");
+    push(e, "d");
+    push(e, "");
+
+    /* the backlog, at most MAX_LOG_PER_REQUEST (3) lines, at once */
+    struct fake_req *f = poll_start(e, NULL);
+    expect_loglist(f, 200, "a,b,c");
+    fake_free(f);
+    /* the next request continues where that one stopped (an empty line too) */
+    f = poll_start(e, NULL);
+    expect_loglist(f, 200, "d,");
+    fake_free(f);
+
+    /* caught up: the request waits, and a new line answers it */
+    f = poll_start(e, NULL);
+    spin(e);
+    assert_int_equal(f->status, 0);
+    push(e, "e");
+    push(e, "f");
+    spin(e);
+    expect_loglist(f, 200, "e,f");
+    fake_free(f);
+
+    /* two waiting requests split the lines, the older first, none twice */
+    struct fake_req *g1 = poll_start(e, NULL), *g2 = poll_start(e, NULL);
+    for (const char *l = "ghijk"; *l; l++) {
+        char line[2] = {*l, 0};
+        push(e, line);
+    }
+    spin(e);
+    expect_loglist(g1, 200, "g,h,i");
+    expect_loglist(g2, 200, "j,k");
+    fake_free(g1);
+    fake_free(g2);
+
+    /* 60 s without a line: 204 and an empty LogList */
+    f = poll_start(e, NULL);
+    spin(e);
+    assert_int_equal(f->status, 0);
+    struct long_poll *lp = e->pg->sess.polls;
+    assert_non_null(lp);
+    poll_timeout(-1, EV_TIMEOUT, lp);
+    assert_int_equal(f->status, 204);
+    assert_int_equal(f->body.len, 0);
+    fake_free(f);
+
+    /* a client that leaves: freed, its lines stay for the next request */
+    f = poll_start(e, NULL);
+    f->req.on_close(&f->req, f->req.cb_arg);
+    fake_free(f);
+    assert_null(e->pg->sess.polls);
+    push(e, "l");
+    f = poll_start(e, NULL);
+    expect_loglist(f, 200, "l");
+    fake_free(f);
+
+    /* a new Start: waiting requests are answered, the new session's cursor
+     * starts again from the ring's backlog */
+    f = poll_start(e, NULL);
+    assert_int_equal(session_begin(e->pg, "127.0.0.1"), PN_OK);
+    assert_int_equal(f->status, 204);
+    fake_free(f);
+    f = poll_start(e, NULL);
+    expect_loglist(f, 200, "a,b,c");
+    fake_free(f);
+
+    /* Stop: a waiting request is answered */
+    f = poll_start(e, NULL);
+    expect_loglist(f, 200, "d,,e");
+    fake_free(f);
+    for (int i = 0; i < 3; i++)
+        fake_free(poll_start(e, NULL)); /* drain f..l (answered at once) */
+    f = poll_start(e, NULL);
+    assert_int_equal(f->status, 0);
+    int stopped = 0;
+    assert_int_equal(pn_backend_stop(e->b, stop_cb, &stopped, NULL), PN_OK);
+    spin(e);
+    assert_int_equal(f->status, 204);
+    fake_free(f);
+
+    /* the node stops with a request waiting: answered, not left open */
+    assert_int_equal(session_begin(e->pg, "127.0.0.1"), PN_OK);
+    for (int i = 0; i < 5; i++)
+        fake_free(poll_start(e, NULL)); /* drain the backlog of 13 lines */
+    f = poll_start(e, NULL);
+    assert_int_equal(f->status, 0);
+    pn_pasarguard_end_streams(e->pg);
+    assert_int_equal(f->status, 204);
+    fake_free(f);
+}
+
+/* Without MAX_LOG_PER_REQUEST in the environment, /logs streams unless the
+ * client asks for protobuf. */
+static void test_long_poll_selection(void **state)
+{
+    struct env *e = *state;
+    assert_int_equal(session_begin(e->pg, "127.0.0.1"), PN_OK);
+    push(e, "a");
+    struct fake_req *f = poll_start(e, "*/*");
+    assert_int_equal(f->status, 200);
+    assert_string_equal(f->ctype, "text/event-stream");
+    spin(e);
+    expect_body(f, "a\n");
+    f->req.on_close(&f->req, f->req.cb_arg);
+    fake_free(f);
+    f = poll_start(e, "text/plain, Application/X-Protobuf");
+    expect_loglist(f, 200, "a");
+    fake_free(f);
+
+    /* the pasarguard profile never long-polls */
+    e->pg->session_mode = false;
+    f = poll_start(e, "application/x-protobuf");
+    assert_string_equal(f->ctype, "text/event-stream");
+    f->req.on_close(&f->req, f->req.cb_arg);
+    fake_free(f);
+    e->pg->session_mode = true;
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -814,6 +1244,12 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_logs_end_when_blocked_and_on_free, env_setup,
                                         env_teardown),
         cmocka_unit_test_setup_teardown(test_logs_batches, env_setup_ring16, env_teardown),
+        cmocka_unit_test(test_session_rest_checks),
+        cmocka_unit_test(test_session_grpc_checks),
+        cmocka_unit_test(test_go_quote),
+        cmocka_unit_test_setup_teardown(test_session_rest_flow, env_setup_session, env_teardown),
+        cmocka_unit_test_setup_teardown(test_long_poll, env_setup_session_poll, env_teardown),
+        cmocka_unit_test_setup_teardown(test_long_poll_selection, env_setup_session, env_teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -332,8 +332,8 @@ static void test_sizes_and_marzban(void **state)
 
     /* The marzban profile without the panel's certificate. */
     unsetenv("SSL_CLIENT_CERT_FILE");
-    load_fails("SSL_CLIENT_CERT_FILE: required in the marzban profile (the panel's certificate, "
-               "to verify its client certificate)");
+    load_fails("SSL_CLIENT_CERT_FILE is required for rest service. (the marzban profile "
+               "verifies the panel's client certificate against it)");
 }
 
 static void test_gozargah(void **state)
@@ -354,8 +354,8 @@ static void test_gozargah(void **state)
 
     clean_env();
     setenv("PROXYNODE_PROFILE", "gozargah", 1);
-    load_fails("SSL_CLIENT_CERT_FILE: required in the gozargah profile (the panel's certificate, "
-               "to verify its client certificate)");
+    load_fails("SSL_CLIENT_CERT_FILE is required for rest service. (the gozargah profile "
+               "verifies the panel's client certificate against it)");
 }
 
 /* One row of the auto-selection truth table. */
@@ -427,8 +427,8 @@ static void test_profile_truth_table(void **state)
     clean_env();
     setenv("MAX_LOG_PER_REQUEST", "100", 1);
     /* Selected, but the gozargah profile still needs the client cert. */
-    load_fails("SSL_CLIENT_CERT_FILE: required in the gozargah profile (the panel's certificate, "
-               "to verify its client certificate)");
+    load_fails("SSL_CLIENT_CERT_FILE is required for rest service. (the gozargah profile "
+               "verifies the panel's client certificate against it)");
     setenv("SSL_CLIENT_CERT_FILE", "/p.pem", 1);
     expect_profile(PN_PROFILE_GOZARGAH, "PROXYNODE_PROFILE=auto and SSL_CLIENT_CERT_FILE is set");
 

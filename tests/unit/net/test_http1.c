@@ -23,11 +23,13 @@
 #include "net/http1.h"
 
 enum mode {
-    M_ECHO,      /* answers at once with what it saw */
-    M_ASYNC,     /* answers from a timer */
-    M_STREAM,    /* chunked answer in three writes, two of them from a timer */
-    M_BIGSTREAM, /* 1 MiB streamed under back-pressure */
-    M_HOLD,      /* never answers; counts on_close */
+    M_ECHO,       /* answers at once with what it saw */
+    M_ASYNC,      /* answers from a timer */
+    M_STREAM,     /* chunked answer in three writes, two of them from a timer */
+    M_BIGSTREAM,  /* 1 MiB streamed under back-pressure */
+    M_HOLD,       /* never answers; counts on_close */
+    M_TAKE,       /* /ws: takes the connection over at once; others: echo */
+    M_TAKE_LATER, /* takes the connection over from a timer */
 };
 
 #define BIG_TOTAL (1024 * 1024)
@@ -58,6 +60,9 @@ struct fx {
     int http_version;
     struct event *drip; /* slow client */
     int drip_left;
+    struct bufferevent *taken; /* what pn_req_take_over returned */
+    struct pn_conn_set *taken_set;
+    int ntaken;
 };
 
 struct resp {
@@ -135,6 +140,13 @@ static void async_fire(evutil_socket_t fd, short what, void *arg)
         echo_answer(f, req);
         return;
     }
+    if (f->mode == M_TAKE_LATER) {
+        f->held = NULL;
+        f->taken = pn_req_take_over(req, &f->taken_set);
+        assert_non_null(f->taken);
+        f->ntaken++;
+        return;
+    }
     /* M_STREAM: second and third writes, then the end */
     assert_int_equal(pn_req_stream_write(req, "two", 3), PN_OK);
     assert_int_equal(pn_req_stream_write(req, "", 0), PN_OK); /* no early 0-chunk */
@@ -185,6 +197,20 @@ static void on_request(struct pn_req *req, void *arg)
     case M_HOLD:
         f->held = req;
         pn_req_set_callbacks(req, on_req_close, NULL, f);
+        break;
+    case M_TAKE:
+        if (strcmp(req->path, "/ws") != 0) {
+            echo_answer(f, req);
+            break;
+        }
+        f->taken = pn_req_take_over(req, &f->taken_set);
+        assert_non_null(f->taken);
+        f->ntaken++;
+        break;
+    case M_TAKE_LATER:
+        f->held = req;
+        pn_req_set_callbacks(req, on_req_close, NULL, f);
+        arm_async(f, 20);
         break;
     }
 }
@@ -269,6 +295,8 @@ static void fx_connect(struct fx *f, bool use_pair)
 
 static void fx_free(struct fx *f)
 {
+    if (f->taken)
+        bufferevent_free(f->taken);
     if (f->cli)
         bufferevent_free(f->cli);
     while (f->set.head)
@@ -1030,6 +1058,78 @@ static void test_over_bufferevent_pair(void **state)
     fx_free(f);
 }
 
+static bool taken_pred(struct fx *f, int unused)
+{
+    (void)unused;
+    return f->ntaken > 0;
+}
+
+static bool got_raw_tail(struct fx *f, int unused)
+{
+    (void)unused;
+    size_t len = evbuffer_get_length(f->got);
+    const char *d = (const char *)evbuffer_pullup(f->got, -1);
+    return d && memmem(d, len, "raw from the new owner", 22);
+}
+
+/* After take-over: the bufferevent keeps the bytes after the request head,
+ * carries the new owner's bytes after the earlier answer, and the HTTP
+ * connection is gone from the set without closing the socket. */
+static void check_taken(struct fx *f)
+{
+    assert_non_null(f->taken);
+    assert_ptr_equal(f->taken_set, &f->set);
+    struct evbuffer *in = bufferevent_get_input(f->taken);
+    size_t n = evbuffer_get_length(in);
+    assert_int_equal(n, 9);
+    assert_memory_equal(evbuffer_pullup(in, -1), "\x81\x03\x61\x62\x63\x88\x02\x03\xe8", 9);
+    assert_true(run_until(f, conns_gone, 0, 1000));
+    bufferevent_write(f->taken, "raw from the new owner", 22);
+    assert_true(run_until(f, got_raw_tail, 0, 2000));
+    assert_false(f->cli_eof);
+    assert_int_equal(f->nclose, 0);
+}
+
+static const char upgrade_req[] = "GET /ws HTTP/1.1\r\nUpgrade: websocket\r\n"
+                                  "Connection: Upgrade\r\n\r\n"
+                                  "\x81\x03\x61\x62\x63\x88\x02\x03\xe8";
+
+static void test_take_over_in_handler(void **state)
+{
+    (void)state;
+    struct fx *f = fx_new(M_TAKE);
+    fx_connect(f, false);
+    char req[256];
+    int n = snprintf(req, sizeof req, "GET /before HTTP/1.1\r\n\r\n");
+    memcpy(req + n, upgrade_req, sizeof upgrade_req - 1);
+    bufferevent_write(f->cli, req, (size_t)n + sizeof upgrade_req - 1);
+    assert_true(run_until(f, taken_pred, 0, 2000));
+    assert_int_equal(f->nreq, 2);
+    check_taken(f);
+    /* the earlier answer came first, nothing from HTTP after it */
+    size_t len = evbuffer_get_length(f->got);
+    char *d = calloc(1, len + 1);
+    evbuffer_copyout(f->got, d, len);
+    assert_non_null(strstr(d, "GET /before q= v= b="));
+    assert_non_null(strstr(d, "GET /before q= v= b=raw from the new owner"));
+    assert_int_equal(strstr(d, "HTTP/1.1") - d, 0);
+    assert_null(strstr(d + 1, "HTTP/1.1"));
+    free(d);
+    fx_free(f);
+}
+
+static void test_take_over_later(void **state)
+{
+    (void)state;
+    struct fx *f = fx_new(M_TAKE_LATER);
+    fx_connect(f, false);
+    bufferevent_write(f->cli, upgrade_req, sizeof upgrade_req - 1);
+    assert_true(run_until(f, taken_pred, 0, 2000));
+    assert_int_equal(f->set.count, 0); /* freed at once: no HTTP code on the stack */
+    check_taken(f);
+    fx_free(f);
+}
+
 int main(void)
 {
     signal(SIGPIPE, SIG_IGN);
@@ -1063,6 +1163,8 @@ int main(void)
         cmocka_unit_test(test_header_timeout_slow_client),
         cmocka_unit_test(test_body_stall_times_out),
         cmocka_unit_test(test_over_bufferevent_pair),
+        cmocka_unit_test(test_take_over_in_handler),
+        cmocka_unit_test(test_take_over_later),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
