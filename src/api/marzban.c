@@ -29,6 +29,7 @@
 #include "base/alloc.h"
 #include "base/err.h"
 #include "base/log.h"
+#include "base/text.h"
 #include "base/time.h"
 #include "base/utf8.h"
 #include "base/uuid.h"
@@ -587,17 +588,6 @@ static void route_stop(struct pn_marzban *f, struct pn_req *req)
 
 /* ---- /logs ------------------------------------------------------------------------------ */
 
-static int hexval(char c)
-{
-    if (c >= '0' && c <= '9')
-        return c - '0';
-    if (c >= 'a' && c <= 'f')
-        return c - 'a' + 10;
-    if (c >= 'A' && c <= 'F')
-        return c - 'A' + 10;
-    return -1;
-}
-
 /* The value of the last `name` parameter of the query, URL-decoded as
  * Starlette's query_params does ('+' is a space). Returns false when
  * absent; *too_long when it did not fit out. */
@@ -618,9 +608,9 @@ static bool query_value(const char *query, const char *name, char *out, size_t o
                 char ch = p[i];
                 if (ch == '+') {
                     ch = ' ';
-                } else if (ch == '%' && i + 2 < len && hexval(p[i + 1]) >= 0 &&
-                           hexval(p[i + 2]) >= 0) {
-                    ch = (char)(hexval(p[i + 1]) * 16 + hexval(p[i + 2]));
+                } else if (ch == '%' && i + 2 < len && pn_hex_digit(p[i + 1]) >= 0 &&
+                           pn_hex_digit(p[i + 2]) >= 0) {
+                    ch = (char)(pn_hex_digit(p[i + 1]) * 16 + pn_hex_digit(p[i + 2]));
                     i += 2;
                 }
                 if (k + 1 >= outlen) {

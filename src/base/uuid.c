@@ -7,22 +7,12 @@
 #include <sys/random.h>
 
 #include "base/err.h"
-
-static int hexval(char c)
-{
-    if (c >= '0' && c <= '9')
-        return c - '0';
-    if (c >= 'a' && c <= 'f')
-        return c - 'a' + 10;
-    if (c >= 'A' && c <= 'F')
-        return c - 'A' + 10;
-    return -1;
-}
+#include "base/text.h"
 
 static int parse_hex_pairs(const char *s, size_t nbytes, uint8_t *out)
 {
     for (size_t i = 0; i < nbytes; i++) {
-        int hi = hexval(s[2 * i]), lo = hexval(s[2 * i + 1]);
+        int hi = pn_hex_digit(s[2 * i]), lo = pn_hex_digit(s[2 * i + 1]);
         if (hi < 0 || lo < 0)
             return PN_ERR_INVAL;
         out[i] = (uint8_t)(hi << 4 | lo);

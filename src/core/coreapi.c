@@ -34,6 +34,7 @@
 #include "base/buf.h"
 #include "base/err.h"
 #include "base/log.h"
+#include "base/text.h"
 #include "base/time.h"
 #include "xray/core_api.pb-c.h"
 
@@ -392,34 +393,12 @@ static ssize_t read_body(nghttp2_session *s, int32_t stream_id, uint8_t *buf, si
     return (ssize_t)n;
 }
 
-static int hexval(uint8_t ch)
-{
-    if (ch >= '0' && ch <= '9')
-        return ch - '0';
-    if (ch >= 'a' && ch <= 'f')
-        return ch - 'a' + 10;
-    if (ch >= 'A' && ch <= 'F')
-        return ch - 'A' + 10;
-    return -1;
-}
-
 /* grpc-message is percent-encoded (gRPC over HTTP/2 spec); a malformed
  * escape is kept literally. Returns a new string. */
 static char *percent_decode(const uint8_t *v, size_t n)
 {
     char *out = pn_malloc(n + 1);
-    size_t o = 0;
-    for (size_t i = 0; i < n; i++) {
-        int hi, lo;
-        if (v[i] == '%' && i + 2 < n && (hi = hexval(v[i + 1])) >= 0 &&
-            (lo = hexval(v[i + 2])) >= 0) {
-            out[o++] = (char)(hi << 4 | lo);
-            i += 2;
-        } else {
-            out[o++] = (char)v[i];
-        }
-    }
-    out[o] = '\0';
+    pn_percent_decode((const char *)v, n, out, false);
     return out;
 }
 

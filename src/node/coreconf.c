@@ -20,6 +20,7 @@
 #include <strings.h>
 
 #include "base/alloc.h"
+#include "base/json.h"
 #include "base/err.h"
 #include "base/log.h"
 #include "base/uuid.h"
@@ -64,30 +65,6 @@ static const char *const skip_text[SKIP_NREASONS] = {
 };
 
 /* ---- small helpers ------------------------------------------------------ */
-
-/* jansson reports allocation failure as NULL; the node's OOM policy is to
- * abort (alloc.h), so no caller carries a NULL path. Also catches invalid
- * UTF-8 reaching json_string, which the callers rule out beforehand. */
-static json_t *jnn(json_t *v)
-{
-    if (!v) {
-        fprintf(stderr, "proxynode: out of memory building the core config\n");
-        abort();
-    }
-    return v;
-}
-
-static void jset(json_t *obj, const char *key, json_t *val)
-{
-    if (json_object_set_new(obj, key, jnn(val)) != 0)
-        jnn(NULL);
-}
-
-static void jappend(json_t *arr, json_t *val)
-{
-    if (json_array_append_new(arr, jnn(val)) != 0)
-        jnn(NULL);
-}
 
 /* A string member, "" when absent or not a string. */
 static const char *jstr(const json_t *obj, const char *key)
@@ -371,14 +348,14 @@ static int bad(struct build *b, const char *fmt, ...)
  * duplicate replaces an earlier one, in the earlier one's place. */
 static json_t *kept_copy(json_t *obj, const char *const *list, size_t n)
 {
-    json_t *out = jnn(json_object());
+    json_t *out = pn_json_nn(json_object());
     const char *key;
     json_t *val;
     json_object_foreach(obj, key, val)
     {
         for (size_t i = 0; i < n; i++) {
             if (strcasecmp(key, list[i]) == 0) {
-                jset(out, list[i], json_incref(val));
+                pn_json_set(out, list[i], json_incref(val));
                 break;
             }
         }
@@ -472,16 +449,16 @@ static int build_inbounds(struct build *b)
     b->out->inbounds = pn_calloc(n ? n : 1, sizeof *b->out->inbounds);
     b->ibs = pn_calloc(n ? n : 1, sizeof *b->ibs);
 
-    json_t *arr = jnn(json_array());
-    json_t *api = jnn(json_object());
-    jset(api, "tag", json_string(PN_API_INBOUND_TAG));
-    jset(api, "listen", json_string("127.0.0.1"));
-    jset(api, "port", json_integer(b->o->api_port));
-    jset(api, "protocol", json_string("dokodemo-door"));
-    json_t *api_settings = jnn(json_object());
-    jset(api_settings, "address", json_string("127.0.0.1"));
-    jset(api, "settings", api_settings);
-    jappend(arr, api);
+    json_t *arr = pn_json_nn(json_array());
+    json_t *api = pn_json_nn(json_object());
+    pn_json_set(api, "tag", json_string(PN_API_INBOUND_TAG));
+    pn_json_set(api, "listen", json_string("127.0.0.1"));
+    pn_json_set(api, "port", json_integer(b->o->api_port));
+    pn_json_set(api, "protocol", json_string("dokodemo-door"));
+    json_t *api_settings = pn_json_nn(json_object());
+    pn_json_set(api_settings, "address", json_string("127.0.0.1"));
+    pn_json_set(api, "settings", api_settings);
+    pn_json_append(arr, api);
     /* From here the new array owns the inbounds; the old one goes at the end. */
     int rv = PN_OK;
     for (size_t i = 0; i < n; i++) {
@@ -522,24 +499,24 @@ static int build_inbounds(struct build *b)
         if (excluded) {
             /* Exactly as the panel sent it (§9.1). */
             json_decref(in);
-            jappend(arr, json_incref(raw));
+            pn_json_append(arr, json_incref(raw));
             continue;
         }
-        jappend(arr, in);
+        pn_json_append(arr, in);
         if (!json_is_object(settings)) {
-            settings = jnn(json_object());
-            jset(in, "settings", settings);
+            settings = pn_json_nn(json_object());
+            pn_json_set(in, "settings", settings);
         }
         ib->settings = settings;
         if (info->kind == PN_IN_SS_SINGLE) {
             /* Single-user: the user goes into the top level (cores.md §7). */
             json_object_del(settings, "clients");
         } else {
-            ib->clients = jnn(json_array());
-            jset(settings, "clients", ib->clients);
+            ib->clients = pn_json_nn(json_array());
+            pn_json_set(settings, "clients", ib->clients);
         }
         if (info->kind == PN_IN_VLESS && b->v2ray)
-            jset(settings, "decryption", json_string("none")); /* mandatory on 4.34 */
+            pn_json_set(settings, "decryption", json_string("none")); /* mandatory on 4.34 */
     }
     if (rv == PN_OK)
         json_object_set_new(b->root, "inbounds", arr);
@@ -559,18 +536,18 @@ static void expand_private(json_t *rule, const char *key)
     } else if (!json_is_array(v)) {
         return;
     }
-    json_t *arr = jnn(json_array());
+    json_t *arr = pn_json_nn(json_array());
     size_t n = json_is_array(v) ? json_array_size(v) : 1;
     for (size_t i = 0; i < n; i++) {
         json_t *e = json_is_array(v) ? json_array_get(v, i) : v;
         if (json_is_string(e) && strcasecmp(json_string_value(e), "geoip:private") == 0) {
             for (size_t j = 0; j < NELEM(private_cidrs); j++)
-                jappend(arr, json_string(private_cidrs[j]));
+                pn_json_append(arr, json_string(private_cidrs[j]));
         } else {
-            jappend(arr, json_incref(e));
+            pn_json_append(arr, json_incref(e));
         }
     }
-    jset(rule, key, arr);
+    pn_json_set(rule, key, arr);
 }
 
 /* §9.4-9.5: the panel's API and guard rules out, ours first (API rule, then
@@ -580,8 +557,8 @@ static int build_routing(struct build *b)
 {
     json_t *routing = json_object_get(b->root, "routing");
     if (!routing || json_is_null(routing)) {
-        routing = jnn(json_object());
-        jset(b->root, "routing", routing);
+        routing = pn_json_nn(json_object());
+        pn_json_set(b->root, "routing", routing);
     } else if (!json_is_object(routing)) {
         return bad(b, "routing must be an object");
     }
@@ -593,35 +570,35 @@ static int build_routing(struct build *b)
         if (!json_is_object(json_array_get(rules, i)))
             return bad(b, "routing.rules[%zu] must be an object", i);
 
-    json_t *out = jnn(json_array());
-    json_t *api = jnn(json_object());
-    jset(api, "type", json_string("field"));
-    json_t *tags = jnn(json_array());
-    jappend(tags, json_string(PN_API_INBOUND_TAG));
-    jset(api, "inboundTag", tags);
-    json_t *src = jnn(json_array());
-    jappend(src, json_string("127.0.0.1"));
-    jappend(src, json_string("::1"));
+    json_t *out = pn_json_nn(json_array());
+    json_t *api = pn_json_nn(json_object());
+    pn_json_set(api, "type", json_string("field"));
+    json_t *tags = pn_json_nn(json_array());
+    pn_json_append(tags, json_string(PN_API_INBOUND_TAG));
+    pn_json_set(api, "inboundTag", tags);
+    json_t *src = pn_json_nn(json_array());
+    pn_json_append(src, json_string("127.0.0.1"));
+    pn_json_append(src, json_string("::1"));
     for (size_t i = 0; i < b->o->naddrs; i++) {
         const char *a = b->o->local_addrs[i];
         if (!a || !*a || !utf8_valid(a) || strcmp(a, "127.0.0.1") == 0 || strcmp(a, "::1") == 0)
             continue;
-        jappend(src, json_string(a));
+        pn_json_append(src, json_string(a));
     }
-    jset(api, "source", src);
-    jset(api, "outboundTag", json_string(API_OUTBOUND_TAG));
-    jappend(out, api);
+    pn_json_set(api, "source", src);
+    pn_json_set(api, "outboundTag", json_string(API_OUTBOUND_TAG));
+    pn_json_append(out, api);
 
     if (b->blackhole_tag) {
-        json_t *guard = jnn(json_object());
-        jset(guard, "type", json_string("field"));
-        jset(guard, "ruleTag", json_string(GUARD_RULE_TAG));
-        json_t *dom = jnn(json_array());
-        jappend(dom, json_string("regexp:^.{254,}$"));
-        jappend(dom, json_string("regexp:(^|\\.)[^.]{64,}(\\.|$)"));
-        jset(guard, "domain", dom);
-        jset(guard, "outboundTag", json_string(b->blackhole_tag));
-        jappend(out, guard);
+        json_t *guard = pn_json_nn(json_object());
+        pn_json_set(guard, "type", json_string("field"));
+        pn_json_set(guard, "ruleTag", json_string(GUARD_RULE_TAG));
+        json_t *dom = pn_json_nn(json_array());
+        pn_json_append(dom, json_string("regexp:^.{254,}$"));
+        pn_json_append(dom, json_string("regexp:(^|\\.)[^.]{64,}(\\.|$)"));
+        pn_json_set(guard, "domain", dom);
+        pn_json_set(guard, "outboundTag", json_string(b->blackhole_tag));
+        pn_json_append(out, guard);
     }
 
     for (size_t i = 0; i < n; i++) {
@@ -631,9 +608,9 @@ static int build_routing(struct build *b)
             continue;
         expand_private(r, "ip");
         expand_private(r, "source");
-        jappend(out, json_incref(r));
+        pn_json_append(out, json_incref(r));
     }
-    jset(routing, "rules", out);
+    pn_json_set(routing, "rules", out);
     return PN_OK;
 }
 
@@ -668,8 +645,8 @@ static json_t *child_object(json_t *obj, const char *key)
 {
     json_t *v = json_object_get(obj, key);
     if (!v || json_is_null(v)) {
-        v = jnn(json_object());
-        jset(obj, key, v);
+        v = pn_json_nn(json_object());
+        pn_json_set(obj, key, v);
     }
     return json_is_object(v) ? v : NULL;
 }
@@ -688,8 +665,8 @@ static int build_policy(struct build *b)
     json_t *l0 = child_object(levels, "0");
     if (!l0)
         return bad(b, "policy.levels.0 must be an object");
-    jset(l0, "statsUserUplink", json_true());
-    jset(l0, "statsUserDownlink", json_true());
+    pn_json_set(l0, "statsUserUplink", json_true());
+    pn_json_set(l0, "statsUserDownlink", json_true());
     if (b->v2ray) {
         const char *key;
         json_t *lv;
@@ -704,33 +681,33 @@ static int build_policy(struct build *b)
     if (!sys)
         return bad(b, "policy.system must be an object");
     if (had_system) {
-        jset(sys, "statsInboundUplink", json_true());
-        jset(sys, "statsInboundDownlink", json_true());
+        pn_json_set(sys, "statsInboundUplink", json_true());
+        pn_json_set(sys, "statsInboundDownlink", json_true());
     }
-    jset(sys, "statsOutboundUplink", json_true());
-    jset(sys, "statsOutboundDownlink", json_true());
+    pn_json_set(sys, "statsOutboundUplink", json_true());
+    pn_json_set(sys, "statsOutboundDownlink", json_true());
     return PN_OK;
 }
 
 /* §9.3 api/stats/metrics and §9.9 log. */
 static int build_services(struct build *b)
 {
-    json_t *api = jnn(json_object());
-    jset(api, "tag", json_string(API_OUTBOUND_TAG));
-    json_t *svcs = jnn(json_array());
-    jappend(svcs, json_string("HandlerService"));
-    jappend(svcs, json_string("LoggerService"));
-    jappend(svcs, json_string("StatsService"));
-    jset(api, "services", svcs);
-    jset(b->root, "api", api);
-    jset(b->root, "stats", json_object());
+    json_t *api = pn_json_nn(json_object());
+    pn_json_set(api, "tag", json_string(API_OUTBOUND_TAG));
+    json_t *svcs = pn_json_nn(json_array());
+    pn_json_append(svcs, json_string("HandlerService"));
+    pn_json_append(svcs, json_string("LoggerService"));
+    pn_json_append(svcs, json_string("StatsService"));
+    pn_json_set(api, "services", svcs);
+    pn_json_set(b->root, "api", api);
+    pn_json_set(b->root, "stats", json_object());
     if (b->xray && b->o->metrics_port) {
-        json_t *m = jnn(json_object());
+        json_t *m = pn_json_nn(json_object());
         char listen[32];
         snprintf(listen, sizeof listen, "127.0.0.1:%u", (unsigned)b->o->metrics_port);
-        jset(m, "tag", json_string("metric"));
-        jset(m, "listen", json_string(listen));
-        jset(b->root, "metrics", m);
+        pn_json_set(m, "tag", json_string("metric"));
+        pn_json_set(m, "listen", json_string(listen));
+        pn_json_set(b->root, "metrics", m);
         b->out->metrics_port = b->o->metrics_port;
     } else {
         json_object_del(b->root, "metrics");
@@ -738,17 +715,17 @@ static int build_services(struct build *b)
 
     json_t *log = json_object_get(b->root, "log");
     if (!log || json_is_null(log)) {
-        log = jnn(json_object());
-        jset(log, "loglevel", json_string("info"));
-        jset(b->root, "log", log);
+        log = pn_json_nn(json_object());
+        pn_json_set(log, "loglevel", json_string("info"));
+        pn_json_set(b->root, "log", log);
     } else if (!json_is_object(log)) {
         return bad(b, "log must be an object");
     } else {
         /* The core logs to stdout; the node files the lines itself. */
         if (json_object_get(log, "access"))
-            jset(log, "access", json_string(""));
+            pn_json_set(log, "access", json_string(""));
         if (json_object_get(log, "error"))
-            jset(log, "error", json_string(""));
+            pn_json_set(log, "error", json_string(""));
     }
     return PN_OK;
 }
@@ -789,32 +766,32 @@ static void collect_user(const struct pn_user *u, void *arg)
 static json_t *client_entry(const struct build *b, const struct pn_user *u,
                             const struct pn_core_account *a)
 {
-    json_t *c = jnn(json_object());
-    jset(c, "email", json_string_nocheck(u->email));
-    jset(c, "level", json_integer(0));
+    json_t *c = pn_json_nn(json_object());
+    pn_json_set(c, "email", json_string_nocheck(u->email));
+    pn_json_set(c, "level", json_integer(0));
     switch (a->proto) {
     case PN_CORE_PROTO_VMESS:
-        jset(c, "id", json_string_nocheck(a->id));
+        pn_json_set(c, "id", json_string_nocheck(a->id));
         if (b->v2ray)
-            jset(c, "alterId", json_integer(0));
+            pn_json_set(c, "alterId", json_integer(0));
         break;
     case PN_CORE_PROTO_VLESS:
-        jset(c, "id", json_string_nocheck(a->id));
+        pn_json_set(c, "id", json_string_nocheck(a->id));
         if (!b->v2ray)
-            jset(c, "flow", json_string_nocheck(a->flow));
+            pn_json_set(c, "flow", json_string_nocheck(a->flow));
         break;
     case PN_CORE_PROTO_TROJAN:
-        jset(c, "password", json_string_nocheck(a->password));
+        pn_json_set(c, "password", json_string_nocheck(a->password));
         break;
     case PN_CORE_PROTO_SHADOWSOCKS:
-        jset(c, "password", json_string_nocheck(a->password));
-        jset(c, "method", json_string_nocheck(a->method));
+        pn_json_set(c, "password", json_string_nocheck(a->password));
+        pn_json_set(c, "method", json_string_nocheck(a->method));
         break;
     case PN_CORE_PROTO_SS2022:
-        jset(c, "password", json_string_nocheck(a->key));
+        pn_json_set(c, "password", json_string_nocheck(a->key));
         break;
     case PN_CORE_PROTO_HYSTERIA:
-        jset(c, "auth", json_string_nocheck(a->auth));
+        pn_json_set(c, "auth", json_string_nocheck(a->auth));
         break;
     }
     return c;
@@ -833,8 +810,8 @@ static int lock_single(struct build *b, size_t idx)
     char method[64];
     if (!ss_method_ok(b->out->inbounds[idx].ss_method, &b->o->core, method, sizeof method))
         snprintf(method, sizeof method, "aes-256-gcm");
-    jset(ib->settings, "method", json_string(method));
-    jset(ib->settings, "password", json_string(pw));
+    pn_json_set(ib->settings, "method", json_string(method));
+    pn_json_set(ib->settings, "password", json_string(pw));
     json_object_del(ib->settings, "email");
     pn_log_info("inbound %s: no user for this single-user shadowsocks inbound; closed with a "
                 "random password",
@@ -906,10 +883,10 @@ static int place_users(struct build *b)
                     continue;
                 }
                 in->single_email = pn_strdup(u->email);
-                jset(ib->settings, "method", json_string_nocheck(acct.method));
-                jset(ib->settings, "password", json_string_nocheck(acct.password));
-                jset(ib->settings, "email", json_string_nocheck(u->email));
-                jset(ib->settings, "level", json_integer(0));
+                pn_json_set(ib->settings, "method", json_string_nocheck(acct.method));
+                pn_json_set(ib->settings, "password", json_string_nocheck(acct.password));
+                pn_json_set(ib->settings, "email", json_string_nocheck(u->email));
+                pn_json_set(ib->settings, "level", json_integer(0));
             }
         }
     }
@@ -973,7 +950,7 @@ int pn_coreconf_build(const struct pn_coreconf_opts *opts, struct pn_coreconf *o
     /* Copied so the caller frees with free() whatever allocator jansson has. */
     char *text = json_dumps(b.root, JSON_COMPACT);
     if (!text)
-        jnn(NULL);
+        pn_json_nn(NULL);
     out->json = pn_strdup(text);
     free(text);
     out->json_len = strlen(out->json);

@@ -25,6 +25,8 @@
 #include <string.h>
 
 #include "base/alloc.h"
+#include "base/json.h"
+#include "base/text.h"
 #include "base/err.h"
 #include "base/utf8.h"
 
@@ -56,35 +58,6 @@ struct scan {
 
 /* ---- small helpers ------------------------------------------------------ */
 
-/* jansson reports allocation failure as NULL; the node's OOM policy is to
- * abort (alloc.h). Callers rule out invalid UTF-8 before building strings. */
-static json_t *jnn(json_t *v)
-{
-    if (!v) {
-        fprintf(stderr, "proxynode: out of memory rewriting the core config\n");
-        abort();
-    }
-    return v;
-}
-
-static void jset(json_t *obj, const char *key, json_t *val)
-{
-    if (json_object_set_new(obj, key, jnn(val)) != 0)
-        jnn(NULL);
-}
-
-static void jappend(json_t *arr, json_t *val)
-{
-    if (json_array_append_new(arr, jnn(val)) != 0)
-        jnn(NULL);
-}
-
-static void jinsert(json_t *arr, size_t i, json_t *val)
-{
-    if (json_array_insert_new(arr, i, jnn(val)) != 0)
-        jnn(NULL);
-}
-
 /* True when v is the string s exactly (a NUL inside v never matches). */
 static bool str_is(const json_t *v, const char *s)
 {
@@ -96,17 +69,6 @@ static bool str_is(const json_t *v, const char *s)
 static bool is_digit(char c)
 {
     return c >= '0' && c <= '9';
-}
-
-static int hexval(char c)
-{
-    if (c >= '0' && c <= '9')
-        return c - '0';
-    if (c >= 'a' && c <= 'f')
-        return c - 'a' + 10;
-    if (c >= 'A' && c <= 'F')
-        return c - 'A' + 10;
-    return -1;
 }
 
 /* ---- scanning the input ------------------------------------------------- */
@@ -215,7 +177,7 @@ static size_t scan_string(const char *s, size_t len, size_t i, struct scan *sc)
             case 'u':
                 cur = 0;
                 for (int k = 1; k <= 4; k++) {
-                    int h = i + k < len ? hexval(s[i + k]) : -1;
+                    int h = i + k < len ? pn_hex_digit(s[i + k]) : -1;
                     if (h < 0) {
                         cur = -1;
                         break;
@@ -395,8 +357,8 @@ static json_t *want(json_t *obj, const char *key, bool array)
 {
     json_t *v = json_object_get(obj, key);
     if (!v || json_is_null(v)) {
-        v = jnn(array ? json_array() : json_object());
-        jset(obj, key, v);
+        v = pn_json_nn(array ? json_array() : json_object());
+        pn_json_set(obj, key, v);
         return v;
     }
     return (array ? json_is_array(v) : json_is_object(v)) ? v : NULL;
@@ -422,15 +384,15 @@ static bool inbound_kept(const json_t *in, const struct pn_mzconf_opts *o)
 static void filter_array(json_t *obj, const char *key, json_t *arr,
                          bool (*keep)(const json_t *v, const void *arg), const void *arg)
 {
-    json_t *kept = jnn(json_array());
+    json_t *kept = pn_json_nn(json_array());
     size_t i;
     json_t *v;
     json_array_foreach(arr, i, v)
     {
         if (keep(v, arg))
-            jappend(kept, json_incref(v));
+            pn_json_append(kept, json_incref(v));
     }
-    jset(obj, key, kept);
+    pn_json_set(obj, key, kept);
 }
 
 static bool keep_inbound(const json_t *v, const void *arg)
@@ -447,75 +409,75 @@ static bool keep_rule(const json_t *v, const void *arg)
 
 static json_t *jstring(const char *s)
 {
-    return jnn(json_string(s));
+    return pn_json_nn(json_string(s));
 }
 
 static json_t *string_list(const char *a, const char *b)
 {
-    json_t *arr = jnn(json_array());
-    jappend(arr, jstring(a));
+    json_t *arr = pn_json_nn(json_array());
+    pn_json_append(arr, jstring(a));
     if (b)
-        jappend(arr, jstring(b));
+        pn_json_append(arr, jstring(b));
     return arr;
 }
 
 /* §7 step 7: the TLS API inbound the panel's gRPC client talks to. */
 static json_t *api_inbound(const struct pn_mzconf_opts *o)
 {
-    json_t *in = jnn(json_object());
-    jset(in, "listen", jstring(o->api_host));
-    jset(in, "port", json_integer(o->api_port));
-    jset(in, "protocol", jstring("dokodemo-door"));
-    json_t *settings = jnn(json_object());
-    jset(settings, "address", jstring("127.0.0.1"));
-    jset(in, "settings", settings);
-    json_t *cert = jnn(json_object());
-    jset(cert, "certificateFile", jstring(o->cert_file));
-    jset(cert, "keyFile", jstring(o->key_file));
-    json_t *certs = jnn(json_array());
-    jappend(certs, cert);
-    json_t *tls = jnn(json_object());
-    jset(tls, "certificates", certs);
-    json_t *stream = jnn(json_object());
-    jset(stream, "security", jstring("tls"));
-    jset(stream, "tlsSettings", tls);
-    jset(in, "streamSettings", stream);
-    jset(in, "tag", jstring(API_INBOUND_TAG));
+    json_t *in = pn_json_nn(json_object());
+    pn_json_set(in, "listen", jstring(o->api_host));
+    pn_json_set(in, "port", json_integer(o->api_port));
+    pn_json_set(in, "protocol", jstring("dokodemo-door"));
+    json_t *settings = pn_json_nn(json_object());
+    pn_json_set(settings, "address", jstring("127.0.0.1"));
+    pn_json_set(in, "settings", settings);
+    json_t *cert = pn_json_nn(json_object());
+    pn_json_set(cert, "certificateFile", jstring(o->cert_file));
+    pn_json_set(cert, "keyFile", jstring(o->key_file));
+    json_t *certs = pn_json_nn(json_array());
+    pn_json_append(certs, cert);
+    json_t *tls = pn_json_nn(json_object());
+    pn_json_set(tls, "certificates", certs);
+    json_t *stream = pn_json_nn(json_object());
+    pn_json_set(stream, "security", jstring("tls"));
+    pn_json_set(stream, "tlsSettings", tls);
+    pn_json_set(in, "streamSettings", stream);
+    pn_json_set(in, "tag", jstring(API_INBOUND_TAG));
     return in;
 }
 
 /* The node's own cleartext loopback API inbound (mzconf.h). */
 static json_t *internal_inbound(uint16_t port)
 {
-    json_t *in = jnn(json_object());
-    jset(in, "tag", jstring(PN_MZ_INTERNAL_API_TAG));
-    jset(in, "listen", jstring("127.0.0.1"));
-    jset(in, "port", json_integer(port));
-    jset(in, "protocol", jstring("dokodemo-door"));
-    json_t *settings = jnn(json_object());
-    jset(settings, "address", jstring("127.0.0.1"));
-    jset(in, "settings", settings);
+    json_t *in = pn_json_nn(json_object());
+    pn_json_set(in, "tag", jstring(PN_MZ_INTERNAL_API_TAG));
+    pn_json_set(in, "listen", jstring("127.0.0.1"));
+    pn_json_set(in, "port", json_integer(port));
+    pn_json_set(in, "protocol", jstring("dokodemo-door"));
+    json_t *settings = pn_json_nn(json_object());
+    pn_json_set(settings, "address", jstring("127.0.0.1"));
+    pn_json_set(in, "settings", settings);
     return in;
 }
 
 /* §7 step 8: the API inbound is reachable from loopback and the panel. */
 static json_t *api_rule(const char *peer)
 {
-    json_t *r = jnn(json_object());
-    jset(r, "inboundTag", string_list(API_INBOUND_TAG, NULL));
-    jset(r, "source", string_list("127.0.0.1", peer && *peer ? peer : NULL));
-    jset(r, "outboundTag", jstring(API_OUTBOUND_TAG));
-    jset(r, "type", jstring("field"));
+    json_t *r = pn_json_nn(json_object());
+    pn_json_set(r, "inboundTag", string_list(API_INBOUND_TAG, NULL));
+    pn_json_set(r, "source", string_list("127.0.0.1", peer && *peer ? peer : NULL));
+    pn_json_set(r, "outboundTag", jstring(API_OUTBOUND_TAG));
+    pn_json_set(r, "type", jstring("field"));
     return r;
 }
 
 static json_t *internal_rule(void)
 {
-    json_t *r = jnn(json_object());
-    jset(r, "type", jstring("field"));
-    jset(r, "inboundTag", string_list(PN_MZ_INTERNAL_API_TAG, NULL));
-    jset(r, "source", string_list("127.0.0.1", NULL));
-    jset(r, "outboundTag", jstring(API_OUTBOUND_TAG));
+    json_t *r = pn_json_nn(json_object());
+    pn_json_set(r, "type", jstring("field"));
+    pn_json_set(r, "inboundTag", string_list(PN_MZ_INTERNAL_API_TAG, NULL));
+    pn_json_set(r, "source", string_list("127.0.0.1", NULL));
+    pn_json_set(r, "outboundTag", jstring(API_OUTBOUND_TAG));
     return r;
 }
 
@@ -542,27 +504,27 @@ static int rewrite(json_t *root, const struct pn_mzconf_opts *o, char *err, size
     inbounds = json_object_get(root, "inbounds");
     rules = json_object_get(routing, "rules");
 
-    json_t *api = jnn(json_object());
-    json_t *services = jnn(json_array());
-    jappend(services, jstring("HandlerService"));
-    jappend(services, jstring("StatsService"));
-    jappend(services, jstring("LoggerService"));
-    jset(api, "services", services);
-    jset(api, "tag", jstring(API_OUTBOUND_TAG));
-    jset(root, "api", api);
-    jset(root, "stats", jnn(json_object()));
+    json_t *api = pn_json_nn(json_object());
+    json_t *services = pn_json_nn(json_array());
+    pn_json_append(services, jstring("HandlerService"));
+    pn_json_append(services, jstring("StatsService"));
+    pn_json_append(services, jstring("LoggerService"));
+    pn_json_set(api, "services", services);
+    pn_json_set(api, "tag", jstring(API_OUTBOUND_TAG));
+    pn_json_set(root, "api", api);
+    pn_json_set(root, "stats", pn_json_nn(json_object()));
 
-    jinsert(inbounds, 0, api_inbound(o));
-    jinsert(rules, 0, api_rule(o->peer_ip));
+    pn_json_insert(inbounds, 0, api_inbound(o));
+    pn_json_insert(rules, 0, api_rule(o->peer_ip));
     if (o->internal_api_port != 0) {
-        jinsert(inbounds, 1, internal_inbound(o->internal_api_port));
-        jinsert(rules, 1, internal_rule());
+        pn_json_insert(inbounds, 1, internal_inbound(o->internal_api_port));
+        pn_json_insert(rules, 1, internal_rule());
     }
 
     json_t *log = json_object_get(root, "log");
     json_t *level = json_object_get(log, "logLevel");
     if (str_is(level, "none") || str_is(level, "error"))
-        jset(log, "logLevel", jstring("warning"));
+        pn_json_set(log, "logLevel", jstring("warning"));
     return PN_OK;
 }
 
@@ -677,7 +639,7 @@ int pn_mzconf_rewrite(const struct pn_mzconf_opts *o, char **out, size_t *outlen
 
     dump = json_dumps(root, JSON_COMPACT | JSON_PRESERVE_ORDER);
     if (!dump)
-        jnn(NULL);
+        pn_json_nn(NULL);
     size_t n;
     *out = restore(dump, strlen(dump), text, &sc, ctl, letter, &n);
     if (outlen)
