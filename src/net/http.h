@@ -68,7 +68,7 @@ struct pn_req {
     size_t nheaders;
     const uint8_t *body;
     size_t body_len;
-    int http_version;            /* 11 or 20 */
+    int http_version;            /* 10, 11 or 20 */
     const struct pn_peer *peer;
     const struct pn_http_server *srv;
     void *user;                  /* the handler's, untouched by transports */

@@ -636,6 +636,7 @@ static int h1_on_headers_complete(http_parser *p)
     r->headers_done = true;
     r->head = p->method == HTTP_HEAD;
     r->http10 = p->http_major == 1 && p->http_minor == 0;
+    r->req.http_version = r->http10 ? 10 : 11;
     c->phase = H1_BODY;
     size_t max = c->srv->max_body;
     bool chunked = p->flags & F_CHUNKED;

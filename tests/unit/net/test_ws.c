@@ -734,6 +734,12 @@ static void test_invalid_upgrades_400(void **state)
              "Sec-WebSocket-Version: 13\r\nContent-Length: 0\r\n%s",
              ok_rest);
     check_rejected(req, false);
+    /* HTTP/1.0 (RFC 6455 §4.1 needs 1.1; found by fuzz_ws) */
+    snprintf(req, sizeof req,
+             "GET / HTTP/1.0\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+             "Sec-WebSocket-Version: 13\r\n%s",
+             ok_rest);
+    check_rejected(req, false);
 }
 
 static void test_is_upgrade_variants(void **state)

@@ -1,0 +1,68 @@
+/* Shared parts of the libFuzzer targets: reading option bytes from the
+ * input, running a test event loop until nothing is left to do, and the
+ * server side the transport targets (fuzz_http1, fuzz_h2, fuzz_ws) put
+ * behind a real connection: a REST handler that answers at once, later, as
+ * a stream or never, a small gRPC echo service with the same habits, and
+ * the PasarGuard API on a backend without a core. */
+#ifndef PN_FUZZ_COMMON_H
+#define PN_FUZZ_COMMON_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "net/grpc.h"
+#include "net/http.h"
+
+/* The API key the PasarGuard front expects; the seeds carry it. */
+#define FZ_API_KEY "5f0b9a52-2b6c-4f3e-9d43-1c1b6f1e2a77"
+
+/* A cursor over the fuzzer's input. Reads past the end yield zeros. */
+struct fz_in {
+    const uint8_t *p;
+    size_t n;
+};
+
+uint8_t fz_u8(struct fz_in *in);
+uint16_t fz_u16(struct fz_in *in);
+
+/* How the REST handler answers (the mode of a server; FZ_MIXED picks one
+ * per request from the path). */
+enum fz_mode {
+    FZ_ECHO,   /* at once, with what it saw */
+    FZ_LATER,  /* from an event of the next loop round */
+    FZ_STREAM, /* a streamed answer, partly from the next round */
+    FZ_HOLD,   /* never: the request ends with the connection (on_close) */
+    FZ_PG,     /* the PasarGuard REST front */
+    FZ_MIXED,
+    FZ_NMODES
+};
+
+/* The process-wide test world: one event_base, a backend with no core and
+ * the PasarGuard front on it, built on first use and kept for the whole
+ * run (the fuzzer calls the target millions of times). Logging is quiet
+ * unless FUZZ_VERBOSE is set. */
+struct fz_world {
+    struct event_base *base;
+    struct pn_backend *backend;
+    struct pn_pasarguard *pg;
+};
+struct fz_world *fz_world(void);
+
+/* Runs the loop without blocking until no event is active (bounded). */
+void fz_spin(struct event_base *base);
+/* Lets about 2 ms pass through the loop, so the shortest timers fire. */
+void fz_wait_2ms(struct event_base *base);
+
+/* Fills srv for a server whose REST requests go to the mode's handler and
+ * whose gRPC calls go to the echo service (echo_grpc) or to PasarGuard.
+ * Limits are small so a fuzzer reaches them: 8 KiB of header, 64 KiB of
+ * body; timeouts are long (they never fire within one input). */
+void fz_server_init(struct pn_http_server *srv, enum fz_mode mode, bool echo_grpc,
+                    bool custom_errors);
+
+/* Ends every connection of set and every request or call still held by the
+ * handlers, then spins until the frees ran. Call at the end of each input. */
+void fz_teardown(struct pn_conn_set *set);
+
+#endif

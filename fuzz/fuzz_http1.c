@@ -1,0 +1,129 @@
+/* fuzz_http1: bytes from a peer into a real HTTP/1.1 server connection
+ * (net/http1.c) over a bufferevent pair, with the handler of common.c
+ * answering at once, later, as a stream, never, or through the PasarGuard
+ * REST front (routes, key check, guard, Start's protobuf decode).
+ *
+ * Input: two option bytes, then the bytes the client sends.
+ *   opt[0] bits 0-2  handler mode (enum fz_mode, modulo)
+ *          bit  3    custom error answers (srv->respond_error)
+ *          bits 4-5  write size: all at once, 1, 7 or 300 bytes per loop round
+ *          bit  6    BEV_OPT_DEFER_CALLBACKS on the pair
+ *   opt[1] bits 0-1  the end: connection destroyed with the client still
+ *                    there, client gone (EOF), graceful shutdown, or 2 ms of
+ *                    timers first
+ * What the server writes back must parse as HTTP/1.1 responses (checked
+ * with http-parser unless the input mentions HEAD, whose answers carry a
+ * Content-Length and no body, which a response parser cannot know). */
+#include <event2/buffer.h>
+#include <event2/bufferevent.h>
+#include <event2/event.h>
+#include <http_parser.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "common.h"
+#include "net/http1.h"
+
+struct client {
+    struct bufferevent *bev;
+    http_parser parser;
+    bool check;
+};
+
+static const http_parser_settings resp_settings = {0}; /* syntax only */
+
+static void cli_take(struct client *cl, struct evbuffer *in)
+{
+    while (evbuffer_get_length(in)) {
+        struct evbuffer_iovec v;
+        if (evbuffer_peek(in, -1, NULL, &v, 1) < 1)
+            break;
+        if (cl->check && HTTP_PARSER_ERRNO(&cl->parser) == HPE_OK) {
+            http_parser_execute(&cl->parser, &resp_settings, v.iov_base, v.iov_len);
+            enum http_errno e = HTTP_PARSER_ERRNO(&cl->parser);
+            if (e != HPE_OK) {
+                fprintf(stderr, "fuzz_http1: the server wrote a malformed response: %s\n",
+                        http_errno_description(e));
+                abort();
+            }
+        }
+        evbuffer_drain(in, v.iov_len);
+    }
+}
+
+static void cli_read(struct bufferevent *bev, void *arg)
+{
+    cli_take(arg, bufferevent_get_input(bev));
+}
+
+static void cli_event(struct bufferevent *bev, short what, void *arg)
+{
+    (void)what;
+    cli_take(arg, bufferevent_get_input(bev));
+}
+
+int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
+{
+    static const size_t pieces[4] = {SIZE_MAX, 1, 7, 300};
+    struct fz_world *w = fz_world();
+    struct fz_in in = {data, size};
+    uint8_t o0 = fz_u8(&in), o1 = fz_u8(&in);
+
+    struct pn_http_server srv;
+    fz_server_init(&srv, (enum fz_mode)((o0 & 7) % FZ_NMODES), true, o0 & 0x08);
+    size_t piece = pieces[(o0 >> 4) & 3];
+    int opts = BEV_OPT_CLOSE_ON_FREE | ((o0 & 0x40) ? BEV_OPT_DEFER_CALLBACKS : 0);
+
+    struct client cl = {.check = !memmem(in.p, in.n, "HEAD", 4)};
+    http_parser_init(&cl.parser, HTTP_RESPONSE);
+    struct bufferevent *pair[2];
+    if (bufferevent_pair_new(w->base, opts, pair) < 0)
+        abort();
+    cl.bev = pair[1];
+    bufferevent_setcb(cl.bev, cli_read, NULL, cli_event, &cl);
+    bufferevent_enable(cl.bev, EV_READ | EV_WRITE);
+
+    struct pn_conn_set set = {0};
+    struct pn_peer peer = {.ip = "127.0.0.1", .port = 40000, .alpn = "http/1.1"};
+    /* The listener hands over a bufferevent whose input may already hold the
+     * first bytes: give it the first piece that way. */
+    size_t first = in.n < piece ? in.n : piece;
+    bufferevent_enable(pair[0], EV_READ); /* so the pair moves the bytes over now */
+    bufferevent_write(cl.bev, in.p, first);
+    in.p += first;
+    in.n -= first;
+    pn_http1_conn_new(pair[0], &srv, &peer, &set);
+    fz_spin(w->base);
+
+    for (int rounds = 0; in.n; rounds++) {
+        size_t n = rounds < 512 && piece < in.n ? piece : in.n;
+        bufferevent_write(cl.bev, in.p, n);
+        in.p += n;
+        in.n -= n;
+        fz_spin(w->base);
+    }
+
+    switch (o1 & 3) {
+    case 0:
+        break;
+    case 1:
+        bufferevent_free(cl.bev); /* the server sees EOF */
+        cl.bev = NULL;
+        fz_spin(w->base);
+        break;
+    case 2:
+        if (set.head)
+            set.head->ops->shutdown(set.head);
+        fz_spin(w->base);
+        break;
+    case 3:
+        fz_wait_2ms(w->base);
+        fz_spin(w->base);
+        break;
+    }
+    fz_teardown(&set);
+    if (cl.bev)
+        bufferevent_free(cl.bev);
+    return 0;
+}
