@@ -1698,6 +1698,7 @@ struct user_stream {
     bool busy;              /* a backend operation is in flight */
     bool pumping;           /* inside su_pump */
     bool finished;          /* answered or cancelled: the call is gone */
+    bool abort_logged;      /* the client's abort was logged with its counts */
     int depth;              /* frames using the stream: free deferred */
 };
 
@@ -1719,7 +1720,7 @@ static void us_release(struct user_stream *st)
     if (!st->finished || st->depth > 0)
         return;
     size_t left = st->qlen - st->qhead;
-    if (left)
+    if (left && !st->abort_logged)
         pn_log_warn("SyncUser stream ended early: %zu queued users not applied", left);
     for (size_t i = st->qhead; i < st->qlen; i++)
         pn_user_free(st->queue[i]);
@@ -1770,6 +1771,12 @@ static void us_cancel(struct pn_grpc_call *call)
     pn_grpc_call_set_data(call, NULL);
     if (!st)
         return;
+    /* DESIGN "Decisions": an aborted stream keeps what was applied, logged. */
+    const char *rpc = strrchr(pn_grpc_call_path(call), '/');
+    pn_log_warn("%s stream aborted by the client: %zu users applied or in flight, %zu queued "
+                "users not applied (a chunked sync before its last chunk applies nothing)",
+                rpc ? rpc + 1 : "sync", st->qhead, st->qlen - st->qhead);
+    st->abort_logged = true;
     if (st->op)
         pn_backend_op_detach(st->op);
     st->op = NULL;

@@ -279,7 +279,9 @@ int pn_listener_new(const struct pn_listener_opts *opts, struct pn_listener **ou
     l->base = opts->srv->base;
     l->port = ntohs(addr.sa.sa_family == AF_INET ? addr.in.sin_port : addr.in6.sin6_port);
     l->ev_resume = evtimer_new(l->base, resume_accepting, l);
-    l->evl = evconnlistener_new(l->base, on_accept, l, LEV_OPT_CLOSE_ON_FREE, -1, fd);
+    /* Backlog 0: the socket already listens with 1024; libevent's -1 would
+     * call listen() again with 128 and drop connect bursts. */
+    l->evl = evconnlistener_new(l->base, on_accept, l, LEV_OPT_CLOSE_ON_FREE, 0, fd);
     if (!l->evl) {
         close(fd);
         event_free(l->ev_resume);
