@@ -19,8 +19,6 @@
 #include "base/alloc.h"
 #include "base/err.h"
 
-extern char **environ;
-
 struct pn_core_probe {
     pid_t pid;
     int out_fd, pid_fd;
@@ -131,8 +129,10 @@ int pn_core_probe_start(struct event_base *base, const char *exe, unsigned timeo
     posix_spawn_file_actions_adddup2(&fa, pipefd[1], 1);
     posix_spawn_file_actions_adddup2(&fa, pipefd[1], 2);
     char *const argv[] = {(char *)exe, "-version", NULL};
+    /* Nothing of the node's environment (API_KEY) reaches the core. */
+    char *const envp[] = {NULL};
     pid_t pid;
-    int rc = posix_spawn(&pid, exe, &fa, NULL, argv, environ);
+    int rc = posix_spawn(&pid, exe, &fa, NULL, argv, envp);
     posix_spawn_file_actions_destroy(&fa);
     close(pipefd[1]);
     if (rc != 0) {

@@ -7,12 +7,18 @@ Environment (set by CMake's ctest entries):
   PROXYNODE_BIN  the binary under test (default: <repo>/build/proxynode)
   PN_PROTO_DIR   the directory holding service.proto (default: <repo>/proto)
   PN_SANITIZE    ON when the binary is built with ASan+UBSan: timeouts x3
+  PN_WRAPPER     a command prefix for every run of the binary, split like a
+                 shell would (make memcheck: "valgrind --error-exitcode=99 ...").
+                 Timeouts x PN_WRAPPER_SCALE (default 5), and a node whose
+                 output carries a valgrind error report fails its stop check.
 
 Nothing is skipped: a missing tool or module is a test failure that says
 what to install.
 """
 import importlib
 import os
+import re
+import shlex
 import shutil
 import signal
 import socket
@@ -27,7 +33,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
 
 SANITIZE = os.environ.get("PN_SANITIZE", "OFF").upper() in ("ON", "1", "TRUE", "YES")
-SCALE = 3 if SANITIZE else 1
+WRAPPER = shlex.split(os.environ.get("PN_WRAPPER", ""))
+WRAPPER_SCALE = int(os.environ.get("PN_WRAPPER_SCALE", "5")) if WRAPPER else 1
+SCALE = (3 if SANITIZE else 1) * WRAPPER_SCALE
 V2RAY = "/usr/bin/v2ray"
 V2RAY_VERSION = "4.34.0"
 NODE_VERSION = "0.2.0"
@@ -46,6 +54,9 @@ INSTALL_HINTS = {
     "requests": "python3-requests",
     "h2": "python3-h2",
     "websockets": "python3-websockets",
+    "objdump": "binutils",
+    "gcc": "gcc",
+    "valgrind": "valgrind",
 }
 
 
@@ -107,14 +118,37 @@ SANITIZER_MARKERS = ("ERROR: AddressSanitizer", "ERROR: LeakSanitizer", "runtime
                      "SUMMARY: UndefinedBehaviorSanitizer")
 
 
+# Under valgrind -q every "==pid== " line is part of an error report, except
+# these notes about the client program that are not errors.
+VALGRIND_LINE = re.compile(r"^==\d+== ?(.*)$", re.M)
+VALGRIND_BENIGN = ("Warning: set address range perms", "Warning: noted but unhandled ioctl",
+                   "Warning: invalid file descriptor", "   This could cause spurious",
+                   "   See README_MISSING_SYSCALL", "   with no size/direction hints")
+
+
+def valgrind_report(text):
+    """The valgrind error lines in a node's output ('' when none)."""
+    lines = [m.group(0) for m in VALGRIND_LINE.finditer(text)
+             if m.group(1).strip() and not m.group(1).startswith(VALGRIND_BENIGN)]
+    return "\n".join(lines)
+
+
 def assert_no_sanitizer_report(text, what="proxynode"):
     for m in SANITIZER_MARKERS:
         assert m not in text, f"{what} reported a sanitizer error ({m!r}):\n{text[-6000:]}"
+    if WRAPPER:
+        report = valgrind_report(text)
+        assert not report, f"{what} reported valgrind errors:\n{report[-8000:]}"
+
+
+def command(args):
+    """The argv that runs the binary with args (behind PN_WRAPPER, if set)."""
+    return WRAPPER + [binary()] + list(args)
 
 
 def run_cli(args, env, cwd, timeout=None):
     """Runs the binary to completion (check, version, --help, failing run)."""
-    p = subprocess.run([binary()] + list(args), env=env, cwd=cwd, capture_output=True,
+    p = subprocess.run(command(args), env=env, cwd=cwd, capture_output=True,
                        text=True, timeout=timeout or T(15))
     assert_no_sanitizer_report(p.stdout + p.stderr, f"proxynode {' '.join(args)}")
     return p
@@ -220,7 +254,7 @@ class Node:
         out = open(self.stdout_path, "ab")
         err = open(self.stderr_path, "ab")
         try:
-            self.proc = subprocess.Popen([binary()] + self.args, env=self.env, cwd=self.workdir,
+            self.proc = subprocess.Popen(command(self.args), env=self.env, cwd=self.workdir,
                                          stdin=subprocess.DEVNULL, stdout=out, stderr=err)
         finally:
             out.close()
@@ -297,6 +331,12 @@ class Node:
         return self.proc.returncode, took
 
     def check_clean(self):
+        if WRAPPER and self.proc.returncode != 0:
+            report = valgrind_report(self.stderr())
+            raise AssertionError(f"proxynode under {WRAPPER[0]} exited with "
+                                 f"{self.proc.returncode} (99: valgrind errors or definite "
+                                 f"leaks)\n--- valgrind report ---\n{report[-12000:]}\n"
+                                 + self.describe())
         assert self.proc.returncode == 0, (f"proxynode exited with {self.proc.returncode}\n"
                                            + self.describe())
         assert_no_sanitizer_report(self.stderr() + self.stdout())
