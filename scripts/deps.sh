@@ -9,7 +9,7 @@ want=(cmake make gcc pkg-config libssl-dev libevent-dev libnghttp2-dev libhttp-p
 case "${1:-build}" in
   test) want+=(libcmocka-dev protobuf-compiler python3 python3-pytest python3-grpcio
                python3-protobuf python3-requests python3-h2 python3-websockets curl v2ray
-               nghttp2-client wrk iproute2 clang libclang-rt-14-dev) ;;
+               nghttp2-client wrk iproute2 clang libclang-rt-14-dev valgrind binutils) ;;
   bench) want+=(protobuf-compiler python3 python3-grpcio python3-protobuf python3-h2 v2ray
                 nghttp2-client wrk) ;;
   run) ;;

@@ -58,7 +58,8 @@ static void probe_free(struct pn_core_probe *p)
     event_free(p->ev_exit);
     event_free(p->ev_timeout);
     close(p->out_fd);
-    close(p->pid_fd);
+    if (p->pid_fd >= 0)
+        close(p->pid_fd);
     free(p);
 }
 
@@ -107,6 +108,12 @@ static void on_output(evutil_socket_t fd, short what, void *arg)
 
 static void on_exit_ev(evutil_socket_t fd, short what, void *arg)
 {
+    struct pn_core_probe *p = arg;
+    if (p->pid_fd < 0) { /* no pidfd (ENOSYS: valgrind, Linux < 5.3): polled */
+        siginfo_t si = {0};
+        if (waitid(P_PID, (id_t)p->pid, &si, WEXITED | WNOHANG | WNOWAIT) == 0 && si.si_pid == 0)
+            return;
+    }
     finish(arg, false);
 }
 
@@ -140,7 +147,7 @@ int pn_core_probe_start(struct event_base *base, const char *exe, unsigned timeo
         return pn_seterr(err, errlen, PN_ERR_IO, "%s: %s", exe, strerror(rc));
     }
     int pid_fd = pidfd_open(pid, 0);
-    if (pid_fd < 0) {
+    if (pid_fd < 0 && errno != ENOSYS) {
         int e = errno;
         kill(pid, SIGKILL);
         waitpid(pid, NULL, 0);
@@ -156,11 +163,13 @@ int pn_core_probe_start(struct event_base *base, const char *exe, unsigned timeo
     p->cb = cb;
     p->arg = arg;
     p->ev_out = event_new(base, p->out_fd, EV_READ | EV_PERSIST, on_output, p);
-    p->ev_exit = event_new(base, p->pid_fd, EV_READ, on_exit_ev, p);
+    p->ev_exit = p->pid_fd >= 0 ? event_new(base, p->pid_fd, EV_READ, on_exit_ev, p)
+                                : event_new(base, -1, EV_PERSIST, on_exit_ev, p);
     p->ev_timeout = evtimer_new(base, on_timeout, p);
     struct timeval tv = {timeout_ms / 1000, (timeout_ms % 1000) * 1000};
     event_add(p->ev_out, NULL);
-    event_add(p->ev_exit, NULL);
+    struct timeval poll_tv = {0, 20 * 1000};
+    event_add(p->ev_exit, p->pid_fd >= 0 ? NULL : &poll_tv);
     event_add(p->ev_timeout, &tv);
     if (out)
         *out = p;

@@ -15,6 +15,7 @@ Environment (set by CMake's ctest entries):
 Nothing is skipped: a missing tool or module is a test failure that says
 what to install.
 """
+import atexit
 import importlib
 import os
 import re
@@ -158,6 +159,14 @@ def run_cli(args, env, cwd, timeout=None):
 
 _NODES = []  # every Node started in this session, for failure reports
 _CURRENT_TEST = [None]  # set by conftest's hooks
+
+
+@atexit.register
+def _kill_leftover_nodes():
+    """A fixture that failed before its teardown could leave a node running
+    after pytest exits: kill those (valgrind-wrapped ones included)."""
+    for n in _NODES:
+        n.kill()
 
 
 class Node:

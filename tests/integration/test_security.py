@@ -94,8 +94,12 @@ def bad_keys(key):
 def pg(pb, tmp_path_factory):
     """A pasarguard node with a started core serving users 1 and 2."""
     s = Site(tmp_path_factory.mktemp("pg"), pb, tags=[VLESS])
-    s.start(users=[make_user(pb, e, inbounds=[VLESS]) for e in ("1", "2")])
-    s.pid0 = s.core()
+    try:
+        s.start(users=[make_user(pb, e, inbounds=[VLESS]) for e in ("1", "2")])
+        s.pid0 = s.core()
+    except BaseException:
+        s.close(check=False)
+        raise
     yield s
     assert s.node.alive(), "the node died during the tests\n" + s.node.describe()
     s.close()
