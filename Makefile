@@ -30,14 +30,16 @@ run: deps-run build
 	  ./$(BUILD)/proxynode run
 
 # Unit and integration tests. In CI (CI=true) also: the quick benchmarks,
-# a 60 s soak and every fuzz target for 30 s (so none can rot), then the whole suite
-# under ASan+UBSan, last, so the final line is ctest's summary.
+# a 60 s soak, every fuzz target for 30 s (so none can rot), the integration
+# files under valgrind memcheck, then the whole suite under ASan+UBSan, last,
+# so the final line is ctest's summary.
 test: deps-test build
 	cd $(BUILD) && ctest --output-on-failure -j 2
 	@if [ "$(CI)" = true ]; then \
 	  $(MAKE) --no-print-directory bench QUICK=1 && \
 	  $(MAKE) --no-print-directory soak SOAK_SECONDS=60 && \
 	  $(MAKE) --no-print-directory fuzz SECONDS=30 && \
+	  $(MAKE) --no-print-directory memcheck && \
 	  $(MAKE) --no-print-directory test-asan; fi
 
 test-asan: deps-test
@@ -47,7 +49,7 @@ test-asan: deps-test
 	  UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 ctest --output-on-failure -j 2
 
 clean:
-	rm -rf $(BUILD) $(ASAN)
+	rm -rf $(BUILD) $(ASAN) $(BENCH_BUILD) $(FUZZ_BUILD) $(MEMCHECK_BUILD)
 
 # Benchmarks (bench/, BENCHMARKS.md): an optimized build in $(BENCH_BUILD),
 # then every figure on loopback with a real /usr/bin/v2ray; JSON in
@@ -108,9 +110,6 @@ VALGRIND          ?= valgrind --error-exitcode=99 --leak-check=full --show-leak-
 .PHONY: memcheck
 
 memcheck: deps-test
-	@command -v valgrind >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && apt-get update -q && \
-	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends valgrind; } || \
-	  { echo "valgrind missing: run 'apt-get install valgrind' as root" >&2; exit 1; }
 	cmake -S . -B $(MEMCHECK_BUILD) -DPN_TESTS=ON -DCMAKE_BUILD_TYPE=Debug -DPN_SANITIZE=OFF \
 	  -DPN_WERROR=$(WERROR)
 	cmake --build $(MEMCHECK_BUILD) -j $(JOBS) --target proxynode

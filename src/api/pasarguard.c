@@ -42,6 +42,10 @@
 #define LOG_HIGH_WATER ((size_t)256 * 1024)
 /* REST log lines are written in batches of about this size (one chunk). */
 #define LOG_BATCH ((size_t)64 * 1024)
+/* Open log streams, node-wide. Each may hold LOG_HIGH_WATER + LOG_BATCH in
+ * its transport, so this bounds what readers that stop reading can pin
+ * (~20 MiB); a panel opens one. */
+#define MAX_LOG_STREAMS 64
 
 /* Go's protobuf has a text for a message it cannot parse; protobuf-c has
  * none, so the panels see the reference node's text. */
@@ -86,6 +90,7 @@ struct pn_pasarguard {
     struct event_base *base;
     struct pn_grpc_service grpc;
     struct log_stream *logs; /* open log streams */
+    size_t nlogs;
     /* legacy session mode */
     bool session_mode;
     bool long_poll_always; /* MAX_LOG_PER_REQUEST was set */
@@ -1274,6 +1279,7 @@ static void logs_free(struct log_stream *ls)
         pg->logs = ls->next;
     if (ls->next)
         ls->next->prev = ls->prev;
+    pg->nlogs--;
     pn_backend_unlisten(pg->backend, &ls->listener);
     pn_log_sub_free(ls->sub);
     if (ls->wake)
@@ -1424,6 +1430,12 @@ static void h_logs(struct pn_pasarguard *pg, struct reply r, const uint8_t *body
         h_logs_poll(pg, r.req);
         return;
     }
+    if (pg->nlogs >= MAX_LOG_STREAMS) {
+        char text[64];
+        snprintf(text, sizeof text, "too many log streams (%d open)", MAX_LOG_STREAMS);
+        reply_error(r, 503, PN_GRPC_RESOURCE_EXHAUSTED, text);
+        return;
+    }
     if (r.req) {
         const struct pn_http_header hdrs[] = {
             {"Content-Type", "text/event-stream"},
@@ -1443,6 +1455,7 @@ static void h_logs(struct pn_pasarguard *pg, struct reply r, const uint8_t *body
     if (pg->logs)
         pg->logs->prev = ls;
     pg->logs = ls;
+    pg->nlogs++;
     if (r.req) {
         pn_req_set_callbacks(r.req, logs_req_closed, logs_req_writable, ls);
     } else {
@@ -1989,17 +2002,29 @@ static bool method_allowed(const struct route *r, const char *method)
     return false;
 }
 
+/* Answers a REST request that fails authentication; true when it did. */
+static bool rest_refuse(struct pn_pasarguard *pg, struct pn_req *req)
+{
+    const struct api_error *e = pg->session_mode ? rest_session_auth(pg, req)
+                                                 : check_key(pg, pn_req_header(req, "x-api-key"),
+                                                             pn_req_header(req, "authorization"));
+    if (e)
+        pn_req_respond_text(req, e->http_status, e->text);
+    return e != NULL;
+}
+
+void pn_pasarguard_rest_head(struct pn_req *req, void *arg)
+{
+    rest_refuse(arg, req);
+}
+
 void pn_pasarguard_rest(struct pn_req *req, void *arg)
 {
     static const uint8_t empty[1];
     struct pn_pasarguard *pg = arg;
-    const struct api_error *e = pg->session_mode ? rest_session_auth(pg, req)
-                                                 : check_key(pg, pn_req_header(req, "x-api-key"),
-                                                             pn_req_header(req, "authorization"));
-    if (e) {
-        pn_req_respond_text(req, e->http_status, e->text);
+    if (rest_refuse(pg, req))
         return;
-    }
+    const struct api_error *e;
     const struct route *r = NULL;
     for (size_t i = 0; i < sizeof routes / sizeof routes[0]; i++)
         if (strcmp(routes[i].path, req->path) == 0)

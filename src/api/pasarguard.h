@@ -60,6 +60,9 @@ void pn_pasarguard_end_streams(struct pn_pasarguard *pg);
 const struct pn_grpc_service *pn_pasarguard_grpc(const struct pn_pasarguard *pg);
 /* The REST entry point for struct pn_http_server.on_request (arg = pg). */
 void pn_pasarguard_rest(struct pn_req *req, void *arg);
+/* For struct pn_http_server.on_head: refuses a request whose key (or
+ * session) is wrong before its body is read; on_request checks again. */
+void pn_pasarguard_rest_head(struct pn_req *req, void *arg);
 
 /* The body of `PUT /users/sync/chunked` (spec §6.3): uvarint-framed
  * UsersChunk messages, bucketed by index, up to the first chunk with

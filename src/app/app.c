@@ -187,6 +187,7 @@ static void wire_pasarguard(struct app *a)
     };
     a->pg = pn_pasarguard_new(&po);
     a->srv.on_request = pn_pasarguard_rest;
+    a->srv.on_head = pn_pasarguard_rest_head;
     a->srv.arg = a->pg;
     a->srv.grpc = pn_pasarguard_grpc(a->pg);
     a->srv.allow_h2 = true;

@@ -74,6 +74,8 @@ struct pn__h2_stream {
     bool answered;    /* the handler's part is over (respond / stream_end / 413...) */
     bool body_rejected;
     size_t discarded; /* request bytes dropped after an early REST answer */
+    struct event *body_ev; /* REST body progress (idle timeout), see body_cb */
+    bool stop_upload;      /* reset the stream once our answer is out */
     bool streaming;
     /* answer */
     struct evbuffer *out;
@@ -294,6 +296,8 @@ static void stream_close(struct h2_conn *c, struct pn__h2_stream *s)
     free(s->req_query);
     pn_buf_free(&s->body);
     evbuffer_free(s->out);
+    if (s->body_ev)
+        event_free(s->body_ev);
     free(s);
     if (c->nstreams == 0 && !c->freeing)
         conn_arm_idle(c);
@@ -555,8 +559,29 @@ static void stream_build_req(struct h2_conn *c, struct pn__h2_stream *s)
     s->req.transport = s;
 }
 
-/* The request's header block is complete: route it to gRPC or REST. */
-static void stream_headers_done(struct h2_conn *c, struct pn__h2_stream *s)
+static void body_cb(evutil_socket_t fd, short what, void *arg);
+
+/* (Re)starts the wait for the next piece of a REST request body. */
+static void stream_arm_body(struct h2_conn *c, struct pn__h2_stream *s)
+{
+    if (!c->srv->idle_timeout_ms)
+        return;
+    if (!s->body_ev) {
+        s->body_ev = evtimer_new(bufferevent_get_base(c->bev), body_cb, s);
+        if (!s->body_ev) {
+            fprintf(stderr, "proxynode: out of memory (event)\n");
+            abort();
+        }
+    }
+    struct timeval tv;
+    ms_to_tv(c->srv->idle_timeout_ms, &tv);
+    evtimer_add(s->body_ev, &tv);
+}
+
+/* The request's header block is complete: route it to gRPC or REST. A REST
+ * request with a body is shown to srv->on_head first, and its body must keep
+ * arriving (body_cb). */
+static void stream_headers_done(struct h2_conn *c, struct pn__h2_stream *s, bool end_stream)
 {
     s->headers_done = true;
     if (s->authority && !s->hdr_too_big) {
@@ -576,6 +601,8 @@ static void stream_headers_done(struct h2_conn *c, struct pn__h2_stream *s)
     stream_build_req(c, s);
     if (s->hdr_too_big) {
         stream_error(s, 431, "request header fields too large");
+        if (!end_stream)
+            stream_arm_body(c, s);
         return;
     }
     if (s->content_type && strncasecmp(s->content_type, "application/grpc", 16) == 0) {
@@ -585,6 +612,8 @@ static void stream_headers_done(struct h2_conn *c, struct pn__h2_stream *s)
     }
     if (!s->path) {
         stream_error(s, 405, "method not allowed");
+        if (!end_stream)
+            stream_arm_body(c, s);
         return;
     }
     const char *cl = pn_req_header(&s->req, "content-length");
@@ -596,12 +625,19 @@ static void stream_headers_done(struct h2_conn *c, struct pn__h2_stream *s)
             stream_error(s, 413, "request body too large");
         }
     }
+    if (end_stream)
+        return;
+    stream_arm_body(c, s);
+    if (!s->answered && c->srv->on_head)
+        c->srv->on_head(&s->req, c->srv->arg);
 }
 
 /* The client half-closed: a REST request is complete and goes to the
  * handler; a gRPC call hears about it. */
 static void stream_remote_end(struct h2_conn *c, struct pn__h2_stream *s)
 {
+    if (s->body_ev)
+        evtimer_del(s->body_ev);
     if (s->call) {
         pn__grpc_call_half_close(s->call);
         return;
@@ -634,11 +670,13 @@ static ssize_t send_cb(nghttp2_session *ng, const uint8_t *data, size_t len, int
 
 /* Once our answer ended the stream while the client is still sending (an
  * early error, a refused body), RST_STREAM(NO_ERROR) tells it to stop, as
- * RFC 9113 §8.1 allows; for REST only past H2_DISCARD_SLACK (see above). */
+ * RFC 9113 §8.1 allows; for REST only past H2_DISCARD_SLACK (see above) or
+ * once the body timer ran out (stop_upload). */
 static void stream_maybe_stop_upload(struct h2_conn *c, struct pn__h2_stream *s)
 {
     size_t limit = c->srv->max_body > H2_DISCARD_SLACK ? c->srv->max_body : H2_DISCARD_SLACK;
-    if (!s->local_done || s->rst_sent || s->discarded <= limit + H2_DISCARD_SLACK)
+    if (!s->local_done || s->rst_sent ||
+        (!s->stop_upload && s->discarded <= limit + H2_DISCARD_SLACK))
         return;
     s->rst_sent = true;
     nghttp2_submit_rst_stream(c->ng, NGHTTP2_FLAG_NONE, s->id, NGHTTP2_NO_ERROR);
@@ -716,7 +754,7 @@ static int on_frame_recv_cb(nghttp2_session *ng, const nghttp2_frame *frame, voi
         if (!s)
             return 0;
         if (frame->headers.cat == NGHTTP2_HCAT_REQUEST)
-            stream_headers_done(c, s);
+            stream_headers_done(c, s, frame->hd.flags & NGHTTP2_FLAG_END_STREAM);
         if ((frame->hd.flags & NGHTTP2_FLAG_END_STREAM) && (s = stream_get(c, id)) != NULL)
             stream_remote_end(c, s);
         break;
@@ -769,7 +807,9 @@ static int on_data_chunk_recv_cb(nghttp2_session *ng, uint8_t flags, int32_t id,
         s->body_rejected = true;
         pn_buf_free(&s->body);
         stream_error(s, 413, "request body too large");
+        return 0;
     }
+    stream_arm_body(c, s);
     return 0;
 }
 
@@ -1008,6 +1048,33 @@ static void hdr_cb(evutil_socket_t fd, short what, void *arg)
     pn_log_debug("h2 %s:%u: header block timeout", c->base.peer.ip, c->base.peer.port);
     conn_goaway(c, NGHTTP2_CANCEL, "header timeout");
     conn_flush(c);
+    if (c->dead)
+        conn_free(c);
+}
+
+/* A REST body stopped arriving for the idle timeout, or what was dropped
+ * after an early answer (bytes that do not re-arm the timer) went on that
+ * long: an unanswered request is reset (CANCEL), an answered one gets
+ * RST_STREAM(NO_ERROR) once its answer is out. Either way a peer cannot
+ * hold a stream, and with it the connection, by trickling a body. */
+static void body_cb(evutil_socket_t fd, short what, void *arg)
+{
+    struct pn__h2_stream *s = arg;
+    struct h2_conn *c = s->conn;
+    (void)fd;
+    (void)what;
+    if (c->dead || c->closing || s->rst_sent)
+        return;
+    pn_log_debug("h2 %s:%u: stream %d: request body stalled", c->base.peer.ip, c->base.peer.port,
+                 s->id);
+    s->stop_upload = true;
+    if (!s->answered) {
+        s->rst_sent = true;
+        nghttp2_submit_rst_stream(c->ng, NGHTTP2_FLAG_NONE, s->id, NGHTTP2_CANCEL);
+    } else {
+        stream_maybe_stop_upload(c, s);
+    }
+    conn_pump(c);
     if (c->dead)
         conn_free(c);
 }

@@ -35,13 +35,24 @@ struct pn_http_server {
     struct event_base *base;
     /* REST: called once per request with the whole body read. */
     void (*on_request)(struct pn_req *req, void *arg);
+    /* REST, optional: the head of a request that has a body, before the
+     * body is read (body NULL, body_len 0), so a refusal (a missing key)
+     * does not wait for a body a peer may trickle forever. It either
+     * answers at once with pn_req_respond* (the transport then drops the
+     * body: HTTP/1.1 closes after the answer, HTTP/2 resets the stream once
+     * the answer is out) or leaves the request untouched, and on_request
+     * follows with the body. */
+    void (*on_head)(struct pn_req *req, void *arg);
     void *arg;
     /* gRPC over HTTP/2 (content-type application/grpc*); NULL = no gRPC. */
     const struct pn_grpc_service *grpc;
     bool allow_h2;           /* false: HTTP/1.1 only (marzban profile) */
     size_t max_body;         /* 413 `request body too large` past this */
     size_t max_header;       /* 431 `request header fields too large` past this */
-    unsigned idle_timeout_ms;   /* no open request or stream: close (60 s) */
+    /* No open request or stream: close (60 s). Also how long a request
+     * body may go without a byte (HTTP/1.1: the connection closes; HTTP/2:
+     * the stream is reset). */
+    unsigned idle_timeout_ms;
     unsigned header_timeout_ms; /* a header block must arrive within (10 s) */
     /* Builds the plain-text error answers the transports send by
      * themselves (400/404/405/413/431): NULL uses pn_req_respond_text. */

@@ -73,6 +73,8 @@ struct h1_req {
     bool head;       /* HEAD: answers carry no body */
     bool keep_alive; /* the peer allows another request after this one */
     bool http10;     /* HTTP/1.0 peer: no chunked encoding */
+    bool has_body;   /* chunked, or a Content-Length above 0 */
+    bool expect_100; /* `Expect: 100-continue` with a body */
     bool streaming;  /* stream_start was called */
     bool chunked;    /* the stream is chunk-encoded */
     bool aborted;    /* on_close fired; answers are dropped */
@@ -95,6 +97,7 @@ struct h1_conn {
     int depth;             /* > 0 while our code is on the stack */
     bool in_process;       /* h1_process is running */
     bool message_done;     /* the parser paused at the end of a request */
+    bool head_done;        /* the parser paused after a head for srv->on_head */
     bool close_after;      /* the current answer is the last one */
     bool peer_eof;         /* the peer sent FIN */
     bool want_writable;    /* on_writable owed, to be fired from the deferred event */
@@ -148,11 +151,14 @@ static void h1_req_free(struct h1_req *r)
 
 /* Fills the pn_req fields handlers read from what the parser collected.
  * With the header block incomplete (an error answer), method, path and
- * headers stay empty. */
+ * headers stay empty. Called for the head (srv->on_head) and again with the
+ * body. */
 static void h1_req_finalize(struct h1_req *r, const http_parser *p)
 {
     if (!r->headers_done)
         return;
+    if (r->hdrs) /* the head was shown to srv->on_head: only the body is new */
+        goto body;
     r->req.method = http_method_str((enum http_method)p->method);
     const char *url = r->url ? r->url : "";
     size_t plen, qoff = 0, qlen = 0;
@@ -192,6 +198,7 @@ static void h1_req_finalize(struct h1_req *r, const http_parser *p)
     }
     r->req.headers = r->hdrs;
     r->req.nheaders = r->nraw;
+body:
     if (r->body.len)
         r->req.body = r->body.data;
     r->req.body_len = r->body.len;
@@ -540,6 +547,39 @@ static void h1_dispatch(struct h1_conn *c, struct h1_req *r)
     c->depth--;
 }
 
+/* A client waiting for `100 Continue` before its body may send it now. */
+static void h1_continue(struct h1_conn *c, const struct h1_req *r)
+{
+    if (r->expect_100)
+        evbuffer_add(bufferevent_get_output(c->bev), "HTTP/1.1 100 Continue\r\n\r\n", 25);
+}
+
+/* Shows the head of a request with a body to srv->on_head before the body
+ * is read. Returns false when it answered (a refusal): the connection then
+ * closes after the answer, dropping the body. Otherwise the request goes
+ * back to the parser, and a client expecting 100-continue gets it now. */
+static bool h1_admit(struct h1_conn *c)
+{
+    struct h1_req *r = c->cur;
+    bool close_after = c->close_after;
+    h1_req_finalize(r, &c->parser);
+    c->cur = NULL;
+    c->active = r;
+    c->phase = H1_HANDLER;
+    c->close_after = true; /* the body is never read if it answers */
+    c->depth++;
+    c->srv->on_head(&r->req, c->srv->arg);
+    c->depth--;
+    if (!c->active) /* answered (r is freed), or the connection died */
+        return false;
+    c->active = NULL;
+    c->cur = r;
+    c->phase = H1_BODY;
+    c->close_after = close_after;
+    h1_continue(c, r);
+    return true;
+}
+
 /* Answers a request the transport refused (400, 413, 431) and closes after
  * it. The request may be partial; method and path are then "". */
 static void h1_fail(struct h1_conn *c, int status, const char *text)
@@ -628,7 +668,8 @@ static int h1_on_header_value(http_parser *p, const char *at, size_t len)
     return 0;
 }
 
-/* The header block is complete: limits that are known now, 100-continue. */
+/* The header block is complete: limits that are known now, then the head
+ * check (srv->on_head) or 100-continue. */
 static int h1_on_headers_complete(http_parser *p)
 {
     struct h1_conn *c = h1_of(p);
@@ -648,15 +689,18 @@ static int h1_on_headers_complete(http_parser *p)
     if (has_len && p->content_length)
         pn_buf_reserve(&r->body, p->content_length < H1_BODY_PREALLOC ? (size_t)p->content_length
                                                                       : H1_BODY_PREALLOC);
-    if (!r->http10 && (chunked || (has_len && p->content_length))) {
-        for (size_t i = 0; i < r->nraw; i++) {
-            if (h1_hdr_is(&r->raw[i], "expect") && r->raw[i].value &&
-                strcasecmp(r->raw[i].value, "100-continue") == 0) {
-                evbuffer_add(bufferevent_get_output(c->bev), "HTTP/1.1 100 Continue\r\n\r\n", 25);
-                break;
-            }
-        }
+    r->has_body = chunked || (has_len && p->content_length);
+    for (size_t i = 0; r->has_body && !r->http10 && i < r->nraw; i++)
+        if (h1_hdr_is(&r->raw[i], "expect") && r->raw[i].value &&
+            strcasecmp(r->raw[i].value, "100-continue") == 0)
+            r->expect_100 = true;
+    if (r->has_body && c->srv->on_head) {
+        /* h1_process shows the head to srv->on_head, then goes on */
+        c->head_done = true;
+        http_parser_pause(p, 1);
+        return 0;
     }
+    h1_continue(c, r);
     return 0;
 }
 
@@ -727,6 +771,13 @@ static void h1_process(struct h1_conn *c)
         size_t n = http_parser_execute(&c->parser, &h1_settings, v.iov_base, v.iov_len);
         enum http_errno e = HTTP_PARSER_ERRNO(&c->parser);
         evbuffer_drain(in, n);
+        if (e == HPE_PAUSED && c->head_done) {
+            c->head_done = false;
+            http_parser_pause(&c->parser, 0);
+            if (!h1_admit(c))
+                break;
+            continue;
+        }
         if (e == HPE_PAUSED && c->message_done) {
             http_parser_pause(&c->parser, 0);
             struct h1_req *r = c->cur;

@@ -189,3 +189,36 @@ def test_cancel_one_grpc_stream(site, pb):
         y.cancel()
         z.close()
     site.panel.backend_stats()
+
+
+def test_log_streams_are_capped(site, pb):
+    """At most 64 log streams are open node-wide (each may hold ~320 KiB for
+    a reader that stops reading): the 65th GetLogs gets RESOURCE_EXHAUSTED,
+    a 65th GET /logs 503, both with `too many log streams (64 open)`; once
+    one closes a new stream is accepted, and other calls go on meanwhile."""
+    readers = [GrpcReader(site) for _ in range(64)]
+    try:
+        wait_for(lambda: all(r.lines for r in readers), T(15), "64 streams with their backlog")
+        extra = GrpcReader(site)
+        extra.thread.join(T(10))
+        assert extra.code == grpc.StatusCode.RESOURCE_EXHAUSTED, extra.code
+        assert extra.call.details() == "too many log streams (64 open)", extra.call.details()
+        rest = RestReader(site)
+        try:
+            wait_for(lambda: rest.eof or b"\r\n0\r\n" in rest.buf or
+                     rest.buf.endswith(b"open)\n"), T(10), "the REST refusal")
+            assert rest.status == 503, rest.buf
+            assert rest.buf.endswith(b"too many log streams (64 open)\n"), rest.buf
+        finally:
+            rest.close()
+        site.panel.backend_stats()
+        readers.pop().cancel()
+        again = GrpcReader(site)
+        readers.append(again)
+        wait_for(lambda: again.lines, T(10), "a new stream once one closed")
+        assert again.code is None, again.code
+    finally:
+        for r in readers:
+            r.cancel()
+        for r in readers:
+            r.thread.join(T(5))

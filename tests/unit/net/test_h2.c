@@ -763,6 +763,75 @@ static void test_rest_413(void **state)
     assert_int_equal(g.requests, 0);
 }
 
+static int h2_nhead;
+static void h2_head_check(struct pn_req *req, void *arg)
+{
+    (void)arg;
+    h2_nhead++;
+    assert_int_equal(req->body_len, 0);
+    if (strcmp(req->path, "/deny") == 0)
+        pn_req_respond_text(req, 401, "missing x-api-key");
+}
+
+/* on_head refuses before the body (the client may go on uploading and still
+ * reads the answer); an admitted head gets its body to on_request; a
+ * request without a body is not shown to on_head. */
+static void test_rest_head_check(void **state)
+{
+    (void)state;
+    T->srv.on_head = h2_head_check;
+    h2_nhead = 0;
+    start();
+    struct cstream *cs = c_request("PUT", "/deny", NULL, NULL, 0, false, NULL);
+    assert_true(run_until(cond_has_status, cs, 2000));
+    assert_string_equal(rhdr(cs, ":status"), "401");
+    assert_int_equal(g.requests, 0);
+    c_write(cs, "abc", 3, true);
+    assert_true(run_until(cond_closed, cs, 2000));
+    assert_int_equal(cs->close_code, 0);
+    assert_memory_equal(cs->body.data, "missing x-api-key\n", cs->body.len);
+
+    struct cstream *cs2 = c_request("PUT", "/ok", NULL, "abc", 3, true, NULL);
+    assert_true(run_until(cond_closed, cs2, 2000));
+    assert_string_equal(g.body, "abc");
+    struct cstream *cs3 = c_request("GET", "/deny", NULL, NULL, 0, true, NULL);
+    assert_true(run_until(cond_closed, cs3, 2000));
+    assert_string_equal(rhdr(cs3, ":status"), "200");
+    assert_int_equal(g.requests, 2);
+    assert_int_equal(h2_nhead, 2);
+}
+
+/* A REST body that stops arriving is reset (CANCEL) after the idle
+ * timeout; one that keeps arriving is not; after an early answer, dropped
+ * bytes do not keep the stream open. The connection carries on. */
+static void test_rest_body_stall_resets_stream(void **state)
+{
+    (void)state;
+    T->srv.idle_timeout_ms = 100;
+    T->srv.on_head = h2_head_check;
+    start();
+    struct cstream *stalled = c_request("PUT", "/ok", NULL, "a", 1, false, NULL);
+    struct cstream *refused = c_request("PUT", "/deny", NULL, "a", 1, false, NULL);
+    struct cstream *moving = c_request("PUT", "/ok", NULL, "a", 1, false, NULL);
+    for (int i = 0; i < 6; i++) {
+        spin(40);
+        c_write(moving, "b", 1, false);
+        if (!refused->closed)
+            c_write(refused, "b", 1, false);
+    }
+    assert_true(stalled->closed);
+    assert_int_equal(stalled->close_code, NGHTTP2_CANCEL);
+    assert_true(refused->closed);
+    assert_string_equal(rhdr(refused, ":status"), "401");
+    assert_int_equal(refused->close_code, NGHTTP2_NO_ERROR);
+    assert_false(moving->closed);
+    c_write(moving, "c", 1, true);
+    assert_true(run_until(cond_closed, moving, 2000));
+    assert_string_equal(g.body, "abbbbbbc");
+    assert_int_equal(g.requests, 1);
+    assert_int_equal(g.cancels, 0);
+}
+
 static void respond_error_hook(struct pn_req *req, int status, const char *text)
 {
     static const struct pn_http_header h[] = {{"X-Error-Hook", "1"}};
@@ -1429,6 +1498,8 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_grpc_100_concurrent_open, setup, teardown),
         cmocka_unit_test_setup_teardown(test_grpc_large_message, setup, teardown),
         cmocka_unit_test_setup_teardown(test_idle_timeout, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_rest_head_check, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_rest_body_stall_resets_stream, setup, teardown),
         cmocka_unit_test_setup_teardown(test_idle_timeout_spares_open_streams, setup, teardown),
         cmocka_unit_test_setup_teardown(test_header_timeout, setup, teardown),
         cmocka_unit_test_setup_teardown(test_garbage_after_preface, setup, teardown),

@@ -785,6 +785,67 @@ static void test_expect_continue(void **state)
     fx_free(f);
 }
 
+/* on_head for the tests below: refuses heads whose path is /deny (the
+ * API's missing-key answer), lets the others through to on_request. */
+static int nhead;
+static void head_check(struct pn_req *req, void *arg)
+{
+    (void)arg;
+    nhead++;
+    assert_int_equal(req->body_len, 0);
+    if (strcmp(req->path, "/deny") == 0)
+        assert_int_equal(pn_req_respond_text(req, 401, "missing x-api-key"), PN_OK);
+}
+
+/* A refused head is answered before the body arrives (a peer trickling it
+ * holds nothing), no 100 Continue goes out, and the connection closes. */
+static void test_head_refused_before_body(void **state)
+{
+    (void)state;
+    struct fx *f = fx_new(M_ECHO);
+    f->srv.on_head = head_check;
+    nhead = 0;
+    fx_connect(f, false);
+    send_str(f, "PUT /deny HTTP/1.1\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\nhe");
+    assert_true(run_until(f, is_eof, 0, 2000));
+    struct resp r[2];
+    assert_int_equal(responses(f, r, 2), 1);
+    assert_int_equal(r[0].status, 401);
+    assert_string_equal(r[0].body, "missing x-api-key\n");
+    assert_non_null(strstr(r[0].hdrs, "connection: close\n"));
+    assert_int_equal(nhead, 1);
+    assert_int_equal(f->nreq, 0);
+    resp_free(r, 1);
+    fx_free(f);
+}
+
+/* An admitted head goes on: 100 Continue after the check, the body, then
+ * on_request; requests without a body skip the check; keep-alive holds. */
+static void test_head_admitted(void **state)
+{
+    (void)state;
+    struct fx *f = fx_new(M_ECHO);
+    f->srv.on_head = head_check;
+    nhead = 0;
+    fx_connect(f, false);
+    send_str(f, "PUT /e HTTP/1.1\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n");
+    assert_true(run_until(f, got_contains_100, 0, 2000));
+    assert_int_equal(nhead, 1);
+    send_str(f, "hello");
+    send_str(f, "GET /deny HTTP/1.1\r\n\r\n");
+    send_str(f, "POST /c HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n");
+    struct resp r[4];
+    want_responses(f, r, 4);
+    assert_int_equal(r[0].status, 100);
+    assert_string_equal(r[1].body, "PUT /e q= v= b=hello");
+    assert_string_equal(r[2].body, "GET /deny q= v= b=");
+    assert_string_equal(r[3].body, "POST /c q= v= b=abc");
+    assert_int_equal(nhead, 2);
+    assert_false(f->cli_eof);
+    resp_free(r, 4);
+    fx_free(f);
+}
+
 static bool got_two_status_lines(struct fx *f, int unused)
 {
     (void)unused;
@@ -1151,6 +1212,8 @@ int main(void)
         cmocka_unit_test(test_bad_request_after_good_one),
         cmocka_unit_test(test_respond_error_hook),
         cmocka_unit_test(test_expect_continue),
+        cmocka_unit_test(test_head_refused_before_body),
+        cmocka_unit_test(test_head_admitted),
         cmocka_unit_test(test_head_has_no_body),
         cmocka_unit_test(test_async_answer),
         cmocka_unit_test(test_stream_three_writes),
