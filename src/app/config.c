@@ -193,7 +193,9 @@ static const struct cfg_var vars[] = {
     {.name = "PROXYNODE_HTTP_IDLE_TIMEOUT", .type = VT_INT, .def = "60", .min = 1, .max = 3600,
      .profiles = P_ALL, .field = FIELD(http_idle_timeout),
      .help = "Seconds an HTTP connection with no open request or stream stays open (the "
-             "Marzban reference node used 5, shorter than the panel's 10 s poll)."},
+             "Marzban reference node used 5, shorter than the panel's 10 s poll), and how "
+             "long a request body may pause before its connection (HTTP/1.1) or stream "
+             "(HTTP/2) is closed."},
     {.name = "PROXYNODE_START_WAIT", .type = VT_ENUM, .def = "ready",
      .choices = start_wait_choices, .profiles = P_MZ, .field = FIELD(start_wait),
      .help = "When /start and /restart answer: as soon as the core is ready (ready), or after "
