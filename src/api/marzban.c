@@ -152,8 +152,8 @@ static void stream_schedule(struct stream *st, uint64_t delay_ms)
 }
 
 /* Sends what the subscriber has, as far as the socket keeps up. Lines a
- * slow reader does not take in time are dropped by the ring (100 lines
- * per reader, spec §4). */
+ * slow reader does not take in time are dropped by the ring (it holds
+ * 10,000; node/mzcore.c). */
 static void stream_pump(struct stream *st)
 {
     if (st->closing || !st->sub)

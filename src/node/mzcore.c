@@ -47,7 +47,12 @@
 #include "core/supervisor.h"
 #include "node/mzconf.h"
 
-#define LOG_LINES 100 /* the /logs backlog (spec marzban.md §4) */
+/* Lines kept for /logs readers. A new reader gets only the last 100 (the
+ * backlog, spec marzban.md §4, chosen in api/marzban.c), but one read of
+ * the core's output can bring hundreds of lines before any subscriber gets
+ * to run, so the ring is deeper than the backlog: readers that keep up
+ * lose nothing (as with the reference, which caches lines per reader). */
+#define LOG_LINES 10000
 #define PROBE_TIMEOUT_MS 5000
 #define DRAIN_MS 60000      /* longest a retired core keeps its open connections */
 #define RETIRE_CALL_MS 5000 /* one RemoveInbound on a retired core */

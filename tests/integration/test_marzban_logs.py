@@ -228,6 +228,54 @@ def test_interval_frames_case35(lg):
         assert len(got) == 1 and got[0][1].count(marker) == 1, got
 
 
+# ---- a burst larger than the backlog reaches every subscriber --------------------------------------
+
+def test_burst_reaches_every_subscriber(lg):
+    """3000 lines arriving in one read of the core's output (far more than
+    the 100-line backlog) reach every subscriber, each line once and in
+    order: two without interval, one with the panel's interval=0.7."""
+    sid = lg.ensure(fresh=True)
+    prefix = f"burst-{uuid.uuid4().hex[:8]}-"
+    want = [f"{prefix}{i:04d}" for i in range(1, 3001)]
+    queries = [f"session_id={sid}", f"session_id={sid}", f"session_id={sid}&interval=0.7"]
+
+    def lines_of(i, frames):
+        if i < 2:
+            return [f for _, f in frames]
+        return [x for _, f in frames for x in f[:-1].split("\n")]
+
+    async def go():
+        subs = [await ws_open(lg.node, q) for q in queries]
+        got = [[] for _ in subs]
+        stop = asyncio.Event()
+
+        async def reader(i):
+            while not stop.is_set():
+                got[i].extend(await ws_frames(subs[i], 0.2))
+        tasks = [asyncio.ensure_future(reader(i)) for i in range(len(subs))]
+        await asyncio.sleep(0.3)
+        lg.core.control(stdout_lines=3000, prefix=prefix)
+        lg.gen += 1
+        r = await in_thread(lg.panel.restart, lg.config())
+        lg.core.control()
+        assert r.status_code == 200 and r.json()["started"], r.text
+        deadline = time.monotonic() + T(10)
+        while time.monotonic() < deadline and \
+                not all(want[-1] in lines_of(i, g) for i, g in enumerate(got)):
+            await asyncio.sleep(0.1)
+        stop.set()
+        await asyncio.gather(*tasks)
+        for ws in subs:
+            await ws.close()
+        return got
+    got = run(go())
+    for i, frames in enumerate(got):
+        burst = [x for x in lines_of(i, frames) if x.startswith(prefix)]
+        missing = sorted(set(want) - set(burst))
+        assert burst == want, f"subscriber {i} ({queries[i]}): {len(burst)} burst lines, " \
+            f"{len(missing)} missing (first {missing[:3]})"
+
+
 # ---- case 38: backlog = the last 100 lines -----------------------------------------------------
 
 def test_backlog_is_last_100_case38(lg):
