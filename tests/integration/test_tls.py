@@ -302,6 +302,27 @@ def test_no_client_certificate_requested(cnode):
     assert "Acceptable client certificate CA names" not in p.stdout, p.stdout[-2000:]
 
 
+def test_no_session_resumption(cnode):
+    """No session tickets and no session cache (panels never resume; the
+    tickets only cost CPU): after a request on TLS 1.3 and on TLS 1.2 the
+    client holds no ticket, and offering the session again is a full
+    handshake."""
+    for version in (ssl.TLSVersion.TLSv1_3, ssl.TLSVersion.TLSv1_2):
+        ctx = client_context(cnode.cert, strict=True)
+        ctx.minimum_version = ctx.maximum_version = version
+        raw = socket.create_connection(("127.0.0.1", cnode.port), timeout=T(5))
+        with ctx.wrap_socket(raw, server_hostname="127.0.0.1") as s:
+            r = http1_request(s, "GET", "/info", {"x-api-key": cnode.key})
+            assert r.status == 200
+            session = s.session
+        assert session is None or not session.has_ticket, (version, "a session ticket was sent")
+        raw = socket.create_connection(("127.0.0.1", cnode.port), timeout=T(5))
+        with ctx.wrap_socket(raw, server_hostname="127.0.0.1", session=session) as s:
+            assert not s.session_reused, (version, "the session was resumed")
+            r = http1_request(s, "GET", "/info", {"x-api-key": cnode.key})
+            assert r.status == 200
+
+
 # ---- signals ------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
