@@ -59,11 +59,15 @@ bool pn_uuid_is_nil(const struct pn_uuid *u)
 
 void pn_uuid_format(const struct pn_uuid *u, char *out)
 {
-    const uint8_t *b = u->b;
-    snprintf(out, PN_UUID_STRLEN + 1,
-             "%02x%02x%02x%02x-%02x%02x-%02x%02x-%02x%02x-%02x%02x%02x%02x%02x%02x", b[0], b[1],
-             b[2], b[3], b[4], b[5], b[6], b[7], b[8], b[9], b[10], b[11], b[12], b[13], b[14],
-             b[15]);
+    /* by hand: snprintf with 16 conversions dominated building 100k users */
+    static const char hex[] = "0123456789abcdef";
+    for (int i = 0; i < 16; i++) {
+        if (i == 4 || i == 6 || i == 8 || i == 10)
+            *out++ = '-';
+        *out++ = hex[u->b[i] >> 4];
+        *out++ = hex[u->b[i] & 15];
+    }
+    *out = '\0';
 }
 
 int pn_uuid_random(struct pn_uuid *out)

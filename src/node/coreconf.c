@@ -20,6 +20,7 @@
 #include <strings.h>
 
 #include "base/alloc.h"
+#include "base/buf.h"
 #include "base/json.h"
 #include "base/err.h"
 #include "base/log.h"
@@ -309,8 +310,9 @@ bool pn_coreconf_account(const struct pn_inbound_info *in, const struct pn_user 
 
 /* Per output inbound, while building. */
 struct ib {
-    json_t *settings; /* NULL for excluded inbounds */
-    json_t *clients;  /* settings.clients, NULL when none is written */
+    json_t *settings;      /* NULL for excluded inbounds */
+    bool has_clients;      /* settings.clients is this inbound's placeholder */
+    struct pn_buf clients; /* the entries of settings.clients as JSON text */
     size_t last_user; /* 1 + index of the last user placed (catches repeated tags) */
     size_t skipped[SKIP_NREASONS];
     const char *first_skipped[SKIP_NREASONS];
@@ -328,6 +330,8 @@ struct build {
     size_t nnoise;
     char *err;
     size_t errlen;
+    size_t nibs;    /* entries allocated in ibs */
+    char token[48]; /* placeholder prefix for the client lists, see splice_clients */
 };
 
 static int bad(struct build *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
@@ -448,6 +452,7 @@ static int build_inbounds(struct build *b)
     size_t n = ins ? json_array_size(ins) : 0;
     b->out->inbounds = pn_calloc(n ? n : 1, sizeof *b->out->inbounds);
     b->ibs = pn_calloc(n ? n : 1, sizeof *b->ibs);
+    b->nibs = n;
 
     json_t *arr = pn_json_nn(json_array());
     json_t *api = pn_json_nn(json_object());
@@ -512,8 +517,10 @@ static int build_inbounds(struct build *b)
             /* Single-user: the user goes into the top level (cores.md §7). */
             json_object_del(settings, "clients");
         } else {
-            ib->clients = pn_json_nn(json_array());
-            pn_json_set(settings, "clients", ib->clients);
+            char ph[64];
+            snprintf(ph, sizeof ph, "%s%zu", b->token, b->out->ninbounds - 1);
+            pn_json_set(settings, "clients", json_string(ph));
+            ib->has_clients = true;
         }
         if (info->kind == PN_IN_VLESS && b->v2ray)
             pn_json_set(settings, "decryption", json_string("none")); /* mandatory on 4.34 */
@@ -761,40 +768,87 @@ static void collect_user(const struct pn_user *u, void *arg)
     c->v[c->n++] = u;
 }
 
-/* One settings.clients entry (§10 table, cores.md §7 for v2ray). Strings
- * were checked for UTF-8 by qualify(). */
-static json_t *client_entry(const struct build *b, const struct pn_user *u,
-                            const struct pn_core_account *a)
+/* One settings.clients entry (§10 table, cores.md §7 for v2ray), appended
+ * to the inbound's list as the JSON text jansson would print for it.
+ * Strings were checked for UTF-8 by qualify(). */
+static void client_entry(const struct build *b, struct pn_buf *t, const struct pn_user *u,
+                         const struct pn_core_account *a)
 {
-    json_t *c = pn_json_nn(json_object());
-    pn_json_set(c, "email", json_string_nocheck(u->email));
-    pn_json_set(c, "level", json_integer(0));
+    pn_buf_append_str(t, t->len ? ",{\"email\":" : "{\"email\":");
+    pn_json_quote(t, u->email);
+    pn_buf_append_str(t, ",\"level\":0");
     switch (a->proto) {
     case PN_CORE_PROTO_VMESS:
-        pn_json_set(c, "id", json_string_nocheck(a->id));
+        pn_buf_append_str(t, ",\"id\":");
+        pn_json_quote(t, a->id);
         if (b->v2ray)
-            pn_json_set(c, "alterId", json_integer(0));
+            pn_buf_append_str(t, ",\"alterId\":0");
         break;
     case PN_CORE_PROTO_VLESS:
-        pn_json_set(c, "id", json_string_nocheck(a->id));
-        if (!b->v2ray)
-            pn_json_set(c, "flow", json_string_nocheck(a->flow));
+        pn_buf_append_str(t, ",\"id\":");
+        pn_json_quote(t, a->id);
+        if (!b->v2ray) {
+            pn_buf_append_str(t, ",\"flow\":");
+            pn_json_quote(t, a->flow);
+        }
         break;
     case PN_CORE_PROTO_TROJAN:
-        pn_json_set(c, "password", json_string_nocheck(a->password));
+        pn_buf_append_str(t, ",\"password\":");
+        pn_json_quote(t, a->password);
         break;
     case PN_CORE_PROTO_SHADOWSOCKS:
-        pn_json_set(c, "password", json_string_nocheck(a->password));
-        pn_json_set(c, "method", json_string_nocheck(a->method));
+        pn_buf_append_str(t, ",\"password\":");
+        pn_json_quote(t, a->password);
+        pn_buf_append_str(t, ",\"method\":");
+        pn_json_quote(t, a->method);
         break;
     case PN_CORE_PROTO_SS2022:
-        pn_json_set(c, "password", json_string_nocheck(a->key));
+        pn_buf_append_str(t, ",\"password\":");
+        pn_json_quote(t, a->key);
         break;
     case PN_CORE_PROTO_HYSTERIA:
-        pn_json_set(c, "auth", json_string_nocheck(a->auth));
+        pn_buf_append_str(t, ",\"auth\":");
+        pn_json_quote(t, a->auth);
         break;
     }
-    return c;
+    pn_buf_append(t, "}", 1);
+}
+
+/* The client lists are written as text, not as jansson objects (building
+ * and printing 100k of those took most of a large Start): each list's
+ * settings.clients holds the string "<token><inbound index>" until the tree
+ * is printed, and here each printed placeholder becomes `[entries]`. The
+ * token carries 128 random bits, so no string of the panel's can be taken
+ * for one. Returns the final text (malloc'd). */
+static char *splice_clients(const struct build *b, const char *text, size_t *len)
+{
+    size_t tlen = strlen(text), toklen = strlen(b->token), extra = 0;
+    for (size_t i = 0; i < b->out->ninbounds; i++)
+        extra += b->ibs[i].clients.len + 2;
+    struct pn_buf out;
+    pn_buf_init(&out, 0);
+    pn_buf_reserve(&out, tlen + extra);
+    const char *p = text, *end = text + tlen;
+    const char *hit;
+    while ((hit = memmem(p, (size_t)(end - p), b->token, toklen)) != NULL) {
+        /* hit is inside the quotes: `"<token><digits>"` */
+        char *after;
+        unsigned long idx = strtoul(hit + toklen, &after, 10);
+        if (hit == p || hit[-1] != '"' || *after != '"' || idx >= b->out->ninbounds ||
+            !b->ibs[idx].has_clients) {
+            pn_buf_append(&out, p, (size_t)(hit + toklen - p));
+            p = hit + toklen;
+            continue;
+        }
+        pn_buf_append(&out, p, (size_t)(hit - 1 - p));
+        pn_buf_append(&out, "[", 1);
+        pn_buf_append(&out, b->ibs[idx].clients.data, b->ibs[idx].clients.len);
+        pn_buf_append(&out, "]", 1);
+        p = after + 1;
+    }
+    pn_buf_append(&out, p, (size_t)(end - p));
+    *len = out.len;
+    return (char *)out.data;
 }
 
 /* A v2ray shadowsocks inbound with no qualifying user still needs a
@@ -875,7 +929,7 @@ static int place_users(struct build *b)
                     continue;
                 }
                 if (in->kind != PN_IN_SS_SINGLE) {
-                    json_array_append_new(ib->clients, client_entry(b, u, &acct));
+                    client_entry(b, &ib->clients, u, &acct);
                     continue;
                 }
                 if (in->single_email) {
@@ -935,6 +989,15 @@ int pn_coreconf_build(const struct pn_coreconf_opts *opts, struct pn_coreconf *o
         .errlen = errlen,
     };
     int rv;
+    unsigned char rnd[16];
+    if (RAND_bytes(rnd, sizeof rnd) != 1) {
+        rv = pn_seterr(err, errlen, PN_ERR_IO, "config: no random bytes");
+        goto fail;
+    }
+    char hexs[2 * sizeof rnd + 1];
+    for (size_t i = 0; i < sizeof rnd; i++)
+        snprintf(hexs + 2 * i, 3, "%02x", rnd[i]);
+    snprintf(b.token, sizeof b.token, "pn-clients-%s-", hexs);
     if (!json_is_object(b.root)) {
         rv = bad(&b, "top level must be an object");
         goto fail;
@@ -947,19 +1010,19 @@ int pn_coreconf_build(const struct pn_coreconf_opts *opts, struct pn_coreconf *o
         (rv = place_users(&b)) != PN_OK)
         goto fail;
 
-    /* Copied so the caller frees with free() whatever allocator jansson has. */
     char *text = json_dumps(b.root, JSON_COMPACT);
     if (!text)
         pn_json_nn(NULL);
-    out->json = pn_strdup(text);
+    out->json = splice_clients(&b, text, &out->json_len);
     free(text);
-    out->json_len = strlen(out->json);
     rv = PN_OK;
     goto done;
 fail:
     pn_coreconf_free(out);
 done:
     json_decref(b.root); /* filter_top may have replaced the parsed root */
+    for (size_t i = 0; i < b.nibs; i++)
+        pn_buf_free(&b.ibs[i].clients);
     free(b.ibs);
     free(b.noise_tags);
     free(b.blackhole_tag);

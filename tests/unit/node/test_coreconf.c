@@ -301,13 +301,11 @@ static struct pn_userset *xray_users(void)
     pn_user_add_inbound(u, "SS 2022 256");
     pn_user_add_inbound(u, "HYSTERIA"); /* listed but no hysteria sub-message */
     pn_userset_put(s, u);
-    /* 5: a tag listed twice (set by hand, as a decoder might) lands once */
+    /* 5: a tag listed twice (as the panel may send it) lands once */
     u = user("5");
     set_trojan(u, "trojan-secret-5");
-    u->inbounds = pn_malloc(2 * sizeof *u->inbounds);
-    u->inbounds[0] = pn_strdup("TROJAN WS");
-    u->inbounds[1] = pn_strdup("TROJAN WS");
-    u->ninbounds = 2;
+    pn_user_add_inbound(u, "TROJAN WS");
+    pn_user_add_inbound(u, "TROJAN WS");
     pn_userset_put(s, u);
     return s;
 }
@@ -888,6 +886,61 @@ static void test_minimal_config(void **state)
     pn_coreconf_free(&cc);
 }
 
+/* Client lists are spliced into the printed tree as text: emails with
+ * quotes, backslashes, control characters and non-ASCII survive the round
+ * trip; a panel string that looks like the placeholder prefix stays as it
+ * is; lists of several inbounds land in their own inbounds. */
+static void test_clients_as_text(void **state)
+{
+    (void)state;
+    const char *panel = "{\"inbounds\":[{\"tag\":\"a\",\"protocol\":\"vless\",\"settings\":{}},"
+                        "{\"tag\":\"pn-clients-0\",\"protocol\":\"trojan\",\"settings\":{}},"
+                        "{\"tag\":\"c\",\"protocol\":\"vless\"}],"
+                        "\"dns\":{\"hosts\":{\"pn-clients-1\":\"pn-clients-2\"}}}";
+    static const char *const emails[] = {"plain", "q\"uo\\te", "ctl\x01\x1f\t\n", "\xc3\xa9t\xc3\xa9"};
+    struct pn_userset *users = pn_userset_new();
+    for (size_t i = 0; i < 4; i++) {
+        struct pn_user *u = user(emails[i]);
+        set_vless(u, "5a2d0d5e-9c39-4a39-8f6a-3ff5a8a3c4d1", "");
+        u->has_trojan = true;
+        u->trojan_password = pn_strdup(emails[i]);
+        pn_user_add_inbound(u, "a");
+        pn_user_add_inbound(u, "pn-clients-0");
+        if (i == 0)
+            pn_user_add_inbound(u, "c");
+        pn_userset_put(users, u);
+    }
+    struct pn_coreconf_opts o = {.panel_json = panel,
+                                 .panel_len = strlen(panel),
+                                 .core = xray,
+                                 .api_port = 1000,
+                                 .users = users};
+    struct pn_coreconf cc;
+    char err[256];
+    assert_int_equal(pn_coreconf_build(&o, &cc, err, sizeof err), PN_OK);
+    assert_int_equal(strlen(cc.json), cc.json_len);
+    json_t *r = json_loads(cc.json, 0, NULL);
+    assert_non_null(r);
+    assert_int_equal(json_array_size(clients(r, "a")), 4);
+    assert_int_equal(json_array_size(clients(r, "pn-clients-0")), 4);
+    assert_int_equal(json_array_size(clients(r, "c")), 1);
+    for (size_t i = 0; i < 4; i++) {
+        json_t *c = client(r, "a", emails[i]);
+        assert_non_null(c);
+        assert_keys(c, "email,level,id,flow");
+        assert_string_equal(sget(client(r, "pn-clients-0", emails[i]), "password"), emails[i]);
+    }
+    json_t *hosts = json_object_get(json_object_get(r, "dns"), "hosts");
+    assert_string_equal(sget(hosts, "pn-clients-1"), "pn-clients-2");
+    /* the text is what jansson prints for the same tree */
+    char *again = json_dumps(r, JSON_COMPACT);
+    assert_string_equal(again, cc.json);
+    free(again);
+    json_decref(r);
+    pn_coreconf_free(&cc);
+    pn_userset_free(users);
+}
+
 static void test_invalid_json(void **state)
 {
     (void)state;
@@ -1159,6 +1212,7 @@ int main(void)
         cmocka_unit_test(test_account_agrees), cmocka_unit_test(test_flow_api),
         cmocka_unit_test(test_ss_methods),     cmocka_unit_test(test_ss2022_key),
         cmocka_unit_test(test_empty_secrets),  cmocka_unit_test(test_minimal_config),
+        cmocka_unit_test(test_clients_as_text),
         cmocka_unit_test(test_invalid_json),   cmocka_unit_test(test_v2ray),
         cmocka_unit_test(test_100k),
     };
