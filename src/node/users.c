@@ -3,9 +3,10 @@
  * exact bytes (64-bit FNV-1a, linear probing, backward-shift deletion so no
  * tombstones accumulate, grown at 3/4 load). Lookups, inserts and removals
  * are O(1) on average, so diffing 100k users against the running set costs
- * a few milliseconds. */
+ * a few milliseconds. Inbound tags are interned (see tag_get). */
 #include "node/users.h"
 
+#include <stddef.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -33,6 +34,48 @@ static uint64_t fnv1a(const char *s)
         h *= 0x100000001b3ULL;
     }
     return h;
+}
+
+/* Inbound tags: every user lists the same few, so each distinct tag is
+ * kept once, reference-counted, and users point at it (a private copy per
+ * user and tag cost ~3 MiB at 100k users). The table is process-wide; the
+ * node runs on one thread. */
+struct tag {
+    struct tag *next; /* bucket chain */
+    size_t refs;
+    char s[];
+};
+
+#define TAG_BUCKETS 64
+static struct tag *tags[TAG_BUCKETS];
+
+static const char *tag_get(const char *s)
+{
+    struct tag **head = &tags[fnv1a(s) % TAG_BUCKETS];
+    for (struct tag *t = *head; t; t = t->next)
+        if (strcmp(t->s, s) == 0) {
+            t->refs++;
+            return t->s;
+        }
+    size_t len = strlen(s);
+    struct tag *t = pn_malloc(sizeof *t + len + 1);
+    memcpy(t->s, s, len + 1);
+    t->refs = 1;
+    t->next = *head;
+    *head = t;
+    return t->s;
+}
+
+static void tag_put(const char *s)
+{
+    struct tag *t = (struct tag *)(void *)(s - offsetof(struct tag, s));
+    if (--t->refs > 0)
+        return;
+    struct tag **pp = &tags[fnv1a(s) % TAG_BUCKETS];
+    while (*pp != t)
+        pp = &(*pp)->next;
+    *pp = t->next;
+    free(t);
 }
 
 static char *dup_or_null(const char *s)
@@ -65,10 +108,19 @@ struct pn_user *pn_user_clone(const struct pn_user *u)
     if (u->ninbounds) {
         c->inbounds = pn_malloc(u->ninbounds * sizeof *c->inbounds);
         for (size_t i = 0; i < u->ninbounds; i++)
-            c->inbounds[i] = pn_strdup(u->inbounds[i]);
+            c->inbounds[i] = tag_get(u->inbounds[i]);
         c->ninbounds = u->ninbounds;
     }
     return c;
+}
+
+void pn_user_clear_inbounds(struct pn_user *u)
+{
+    for (size_t i = 0; i < u->ninbounds; i++)
+        tag_put(u->inbounds[i]);
+    free(u->inbounds);
+    u->inbounds = NULL;
+    u->ninbounds = 0;
 }
 
 void pn_user_free(struct pn_user *u)
@@ -83,9 +135,7 @@ void pn_user_free(struct pn_user *u)
     free(u->ss_password);
     free(u->ss_method);
     free(u->hysteria_auth);
-    for (size_t i = 0; i < u->ninbounds; i++)
-        free(u->inbounds[i]);
-    free(u->inbounds);
+    pn_user_clear_inbounds(u);
     free(u);
 }
 
@@ -107,7 +157,7 @@ void pn_user_add_inbound(struct pn_user *u, const char *tag)
     size_t n = u->ninbounds;
     if (n == 0 || (n & (n - 1)) == 0)
         u->inbounds = pn_realloc(u->inbounds, (n ? 2 * n : 1) * sizeof *u->inbounds);
-    u->inbounds[n] = pn_strdup(tag);
+    u->inbounds[n] = tag_get(tag);
     u->ninbounds = n + 1;
 }
 
@@ -120,15 +170,15 @@ static bool str_eq(const char *a, const char *b)
 
 static int cmp_str_ptr(const void *a, const void *b)
 {
-    return strcmp(*(char *const *)a, *(char *const *)b);
+    return strcmp(*(const char *const *)a, *(const char *const *)b);
 }
 
 /* Sorts a copy of the tags and drops duplicates; returns the distinct count. */
-static size_t sorted_set(char **tags, size_t n, char **out)
+static size_t sorted_set(const char **list, size_t n, const char **out)
 {
     if (n == 0)
         return 0;
-    memcpy(out, tags, n * sizeof *tags);
+    memcpy(out, list, n * sizeof *list);
     qsort(out, n, sizeof *out, cmp_str_ptr);
     size_t m = 1;
     for (size_t i = 1; i < n; i++)
@@ -151,8 +201,8 @@ static bool inbounds_equal(const struct pn_user *a, const struct pn_user *b)
                 return false;
         return true;
     }
-    char **sa = pn_malloc((a->ninbounds + b->ninbounds) * sizeof *sa);
-    char **sb = sa + a->ninbounds;
+    const char **sa = pn_malloc((a->ninbounds + b->ninbounds) * sizeof *sa);
+    const char **sb = sa + a->ninbounds;
     size_t na = sorted_set(a->inbounds, a->ninbounds, sa);
     size_t nb = sorted_set(b->inbounds, b->ninbounds, sb);
     bool eq = na == nb;

@@ -17,7 +17,7 @@ struct pn_user {
     char *trojan_password;
     char *ss_password, *ss_method;
     char *hysteria_auth;
-    char **inbounds; /* tags */
+    const char **inbounds; /* tags, interned: shared by all users, never freed by callers */
     size_t ninbounds;
 };
 
@@ -27,6 +27,8 @@ void pn_user_free(struct pn_user *u);
 /* Copies tag into the user's inbound list. */
 void pn_user_add_inbound(struct pn_user *u, const char *tag);
 bool pn_user_has_inbound(const struct pn_user *u, const char *tag);
+/* Empties the user's inbound list. */
+void pn_user_clear_inbounds(struct pn_user *u);
 /* Same accounts and same inbound set (order-insensitive). */
 bool pn_user_equal(const struct pn_user *a, const struct pn_user *b);
 
