@@ -5,7 +5,7 @@ binary and a real /usr/bin/v2ray, writes a JSON document to
 bench/results/latest.json (or --out) and prints a readable table.
 
   /usr/bin/python3 bench/run.py [--quick] [--bin build-bench/proxynode]
-                                [--only memory,startup,sync,stats,api,logs]
+                                [--only memory,startup,sync,stats,api,logs,marzban]
                                 [--out FILE] [--json]
 
 Every loop is bounded in count and time; every process started here is
@@ -28,7 +28,7 @@ from pnbench import clients, report, util  # noqa: E402
 from pnbench import node as nodemod  # noqa: E402
 
 REPO = os.path.dirname(HERE)
-SUITES = ["memory", "startup", "sync", "stats", "api", "logs"]
+SUITES = ["memory", "startup", "sync", "stats", "api", "logs", "marzban"]
 
 # Repetitions and sizes per mode. QUICK keeps the whole run under 2 minutes
 # on the 2-core reference machine (CI runs it so the code cannot rot).
@@ -39,6 +39,9 @@ PARAMS = {
         "stats_users": [10000, 100000], "stats_runs": 7, "h2load_n": 200000, "h2load_runs": 5,
         "wrk_secs": 10, "wrk_runs": 5, "tls_secs": 5, "tls_runs": 3,
         "growth_requests": 1000000, "logs_secs": 5, "logs_runs": 3, "logs_readers": 10,
+        "mz_exec_runs": 20, "mz_ping_secs": 5, "mz_ping_runs": 3, "mz_ping_conns": 4,
+        "mz_tls_secs": 5, "mz_tls_runs": 3, "mz_start_runs": 10, "mz_start_users": 100,
+        "mz_logs_secs": 5, "mz_logs_runs": 3, "mz_logs_readers": 10,
     },
     "quick": {
         "exec_runs": 8, "start_users": [0, 1000, 10000], "start_runs": 3,
@@ -46,6 +49,9 @@ PARAMS = {
         "stats_users": [1000, 10000], "stats_runs": 3, "h2load_n": 30000, "h2load_runs": 2,
         "wrk_secs": 2, "wrk_runs": 2, "tls_secs": 2, "tls_runs": 1,
         "growth_requests": 100000, "logs_secs": 2, "logs_runs": 1, "logs_readers": 10,
+        "mz_exec_runs": 8, "mz_ping_secs": 2, "mz_ping_runs": 2, "mz_ping_conns": 4,
+        "mz_tls_secs": 2, "mz_tls_runs": 1, "mz_start_runs": 4, "mz_start_users": 100,
+        "mz_logs_secs": 2, "mz_logs_runs": 1, "mz_logs_readers": 10,
     },
 }
 
@@ -70,6 +76,14 @@ class Ctx:
 
     def node(self, name, env=None, start=True):
         n = nodemod.Node(self.binary, os.path.join(self.tmp, name), env=env, core=self.core)
+        self.nodes.append(n)
+        if start:
+            n.start()
+        return n
+
+    def mz_node(self, name, env, start=True):
+        """A Marzban-profile node (env must carry SSL_CLIENT_CERT_FILE)."""
+        n = nodemod.MzNode(self.binary, os.path.join(self.tmp, name), env=env, core=self.core)
         self.nodes.append(n)
         if start:
             n.start()

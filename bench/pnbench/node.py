@@ -18,6 +18,7 @@ from . import util
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 V2RAY = "/usr/bin/v2ray"
 READY_LINE = "serving gRPC and REST on"
+MZ_READY_LINE = "serving REST and WebSocket on"  # the Marzban profile's ready line
 
 
 def load_protos(proto_dir=None, tmp=None):
@@ -48,6 +49,8 @@ def base_env():
 
 class Node:
     """One proxynode process. start() waits for the ready line and an accepting port."""
+
+    ready_line = READY_LINE
 
     def __init__(self, binary, workdir, env=None, core=V2RAY):
         self.binary = binary
@@ -105,7 +108,7 @@ class Node:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"proxynode exited with {self.proc.returncode}:\n"
                                    + self.log()[-3000:])
-            return READY_LINE in self.log()[off:] and util.accepting(self.port)
+            return self.ready_line in self.log()[off:] and util.accepting(self.port)
 
         util.wait_for(ready, timeout, "proxynode to listen", interval=0.005)
         return self
@@ -123,11 +126,52 @@ class Node:
         return ps[0] if len(ps) == 1 else None
 
 
-def exec_to_accepting(binary, workdir, env, timeout=5.0):
-    """Spawns the node and measures exec -> first accepted TCP connection on its
-    port, polling with non-blocking connects; returns (seconds, node) with the
-    node still running (the caller stops it)."""
-    n = Node(binary, workdir, env=env)
+class MzNode(Node):
+    """proxynode in the Marzban profile (spec/marzban.md): mTLS on SERVICE_PORT
+    with env["SSL_CLIENT_CERT_FILE"] (the panel's certificate, required) as
+    the trust anchor; its own certificate and key at <workdir>/ssl/ unless env
+    names others (generated there when missing); the core's API inbound on
+    127.0.0.1 and a free XRAY_API_PORT. No API key, no state directory."""
+
+    ready_line = MZ_READY_LINE
+
+    def __init__(self, binary, workdir, env=None, core=V2RAY):
+        super().__init__(binary, workdir, core=core)
+        self.key = None
+        ssl_dir = os.path.join(workdir, "ssl")
+        self.env = base_env()
+        self.env.update({
+            "PROXYNODE_PROFILE": "marzban",
+            "SERVICE_HOST": "127.0.0.1",
+            "SSL_CERT_FILE": os.path.join(ssl_dir, "ssl_cert.pem"),
+            "SSL_KEY_FILE": os.path.join(ssl_dir, "ssl_key.pem"),
+            "XRAY_API_HOST": "127.0.0.1",
+            "XRAY_API_PORT": str(util.free_port()),
+            "XRAY_EXECUTABLE_PATH": core,
+            "GENERATED_CONFIG_PATH": self.gen_dir,
+        })
+        self.env.update(env or {})
+        if not self.env.get("SSL_CLIENT_CERT_FILE"):
+            raise ValueError("MzNode needs env SSL_CLIENT_CERT_FILE (the panel's certificate)")
+
+    @property
+    def cert(self):
+        return self.env["SSL_CERT_FILE"]
+
+    @property
+    def keyfile(self):
+        return self.env["SSL_KEY_FILE"]
+
+    @property
+    def api_port(self):
+        return int(self.env["XRAY_API_PORT"])
+
+
+def exec_to_accepting(binary, workdir, env, timeout=5.0, cls=None):
+    """Spawns the node (a `cls`, default Node) and measures exec -> first
+    accepted TCP connection on its port, polling with non-blocking connects;
+    returns (seconds, node) with the node still running (the caller stops it)."""
+    n = (cls or Node)(binary, workdir, env=env)
     port = util.free_port()
     n.port = port
     n.env["SERVICE_PORT"] = str(port)
