@@ -141,6 +141,17 @@ static enum fz_mode mixed_mode(const struct pn_req *req)
     return (enum fz_mode)(c % FZ_MIXED);
 }
 
+/* The head check the app installs (srv->on_head): PasarGuard requests are
+ * refused at their headers when the key is wrong; the others go on. */
+static void on_head(struct pn_req *req, void *arg)
+{
+    enum fz_mode mode = (enum fz_mode)(uintptr_t)arg;
+    if (mode == FZ_MIXED)
+        mode = mixed_mode(req);
+    if (mode == FZ_PG)
+        pn_pasarguard_rest_head(req, fz_world()->pg);
+}
+
 static void on_request(struct pn_req *req, void *arg)
 {
     enum fz_mode mode = (enum fz_mode)(uintptr_t)arg;
@@ -358,6 +369,7 @@ void fz_server_init(struct pn_http_server *srv, enum fz_mode mode, bool echo_grp
     memset(srv, 0, sizeof *srv);
     srv->base = w->base;
     srv->on_request = on_request;
+    srv->on_head = on_head;
     srv->arg = (void *)(uintptr_t)mode;
     srv->grpc = echo_grpc ? &echo_service : pn_pasarguard_grpc(w->pg);
     srv->allow_h2 = true;

@@ -487,6 +487,199 @@ def gen_mzconf():
     write("fuzz_mzconf", "bad", bytes([0]) + b'{"a": 1.5e}')
 
 
+MZ_SESSION = "8f14e45f-ceea-467f-a0e6-1b3c2d4e5f60"  # FZ_MZ_SESSION in fuzz_marzban.c
+
+
+def mz_config(name):
+    """A panel config of tests/data/mzconf with its test placeholders
+    (@P1@ ports, @CERT@/@KEY@ PEM lines) filled in, compacted (smaller seeds)."""
+    import json
+    import re
+    with open(os.path.join(ROOT, "tests", "data", "mzconf", name), "r") as f:
+        text = f.read()
+    text = re.sub(r"@P(\d+)@", lambda m: str(20000 + int(m.group(1))), text)
+    text = text.replace("@CERT@", '"-----BEGIN CERTIFICATE-----","MIIB","-----END CERTIFICATE-----"')
+    text = text.replace("@KEY@", '"-----BEGIN PRIVATE KEY-----","MIIE","-----END PRIVATE KEY-----"')
+    return json.dumps(json.loads(text), separators=(",", ":"))
+
+
+def mz(path, body=None, sid=MZ_SESSION, extra=(), method="POST", raw=None):
+    """A Marzban request as the panel sends it: POST, a JSON body with
+    session_id (and config, double-encoded) and Content-Type application/json.
+    body None: no body; a dict: session_id added unless present; raw: bytes."""
+    import json
+    if raw is not None:
+        data = raw
+    elif body is None:
+        data = b""
+    else:
+        b = dict(body)
+        if "session_id" not in b and sid is not None:
+            b["session_id"] = sid
+        data = json.dumps(b, separators=(",", ":")).encode()
+    ex = list(extra)
+    if data:
+        ex.append(("Content-Type", "application/json"))
+    return h1(method, path, data, key=None, extra=ex)
+
+
+def ws_upgrade(path):
+    return h1("GET", path, key=None, extra=[
+        ("Upgrade", "websocket"), ("Connection", "Upgrade"),
+        ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="), ("Sec-WebSocket-Version", "13")])
+
+
+def gen_marzban():
+    import json
+    cfg = mz_config("panel_marzban.json")
+    small = ('{"log":{"logLevel":"error"},"inbounds":[{"tag":"API_INBOUND","protocol":'
+             '"dokodemo-door","port":62051},{"tag":"VMESS TCP","port":1.50,"protocol":"vmess"}],'
+             '"routing":{"rules":[{"inboundTag":["API_INBOUND"],"outboundTag":"API"}]},'
+             '"api":{"tag":"API"}}')
+    # opt[0]: bit 0 session, bit 1 connect stops core, bits 2-3 write size, bit 4 defer,
+    #         bit 5 backlog lines, bit 6 IPv6 peer, bit 7 INBOUNDS filter
+    # opt[1]: bits 0-1 the end, bits 2-3 invalidate / end streams / live lines,
+    #         bit 4 cut the connection at the first request
+    S, STOPS, BYTE, B7, B300, DEFER, LINES, V6, FILTER = 1, 2, 4, 8, 12, 0x10, 0x20, 0x40, 0x80
+    CRASH, NODE_STOP, LIVE = 4, 8, 12
+    seeds = {
+        "root": (opt(0, 0), mz("/")),
+        "connect_ping": (opt(0, 0), mz("/connect") + mz("/ping", {}) + mz("/disconnect")),
+        "takeover_stops": (opt(S | STOPS, 0), mz("/connect") + mz("/ping", {})),
+        "disconnect_stops": (opt(S | STOPS, 0), mz("/disconnect", raw=b"{}")),
+        "ping": (opt(S, 0), mz("/ping", {})),
+        "ping_forms": (opt(S, 0), mz("/ping", sid=MZ_SESSION.upper(), body={}) +
+                       mz("/ping", sid=MZ_SESSION.replace("-", ""), body={}) +
+                       mz("/ping", sid="{" + MZ_SESSION + "}", body={}) +
+                       mz("/ping", sid="urn:uuid:" + MZ_SESSION, body={})),
+        "ping_errors": (opt(S, 0), mz("/ping", {"session_id": None}) +
+                        mz("/ping", {"session_id": "zzz"}) + mz("/ping", {"session_id": 5}) +
+                        mz("/ping", sid="2d3b3b8e-4c2f-4a4f-9e7d-0b1b2c3d4e5f", body={}) +
+                        mz("/ping") + mz("/ping", raw=b"{") + mz("/ping", raw=b"[1]") +
+                        mz("/ping", raw=b'"s"')),
+        "ping_no_session": (opt(0, 0), mz("/ping", {})),
+        "start": (opt(S, 0), mz("/start", {"config": cfg})),
+        "start_small_v6": (opt(S | V6 | FILTER, 0), mz("/start", {"config": small})),
+        "start_v2ray": (opt(S | FILTER, 0), mz("/start", {"config": mz_config("panel_v2ray.json")})),
+        "start_errors": (opt(S, 0), mz("/start", {"config": "{"}) + mz("/start", {"config": 5}) +
+                         mz("/start", {"config": "[]"}) + mz("/start", {"config": '"x"'}) +
+                         mz("/start", {}) + mz("/start", {"session_id": None}) +
+                         mz("/start", {"config": "{}"}, sid="2d3b3b8e-4c2f-4a4f-9e7d-0b1b2c3d4e5f")),
+        "restart_stop": (opt(S, 0), mz("/restart", {"config": small}) + mz("/stop", {}) +
+                         mz("/stop", {}) + mz("/restart", {"config": small})),
+        "start_chunked": (opt(S | B300, 0), mz("/start", raw=chunked(json.dumps(
+            {"session_id": MZ_SESSION, "config": small}).encode(), 50),
+            extra=[("Transfer-Encoding", "chunked")])),
+        "start_bytewise": (opt(S | BYTE | DEFER, 3), mz("/start", {"config": small})),
+        "start_left": (opt(S | B7, 0x10), mz("/start", {"config": small})),
+        "stop_left": (opt(S | STOPS | B7, 0x10 | 1), mz("/connect") + mz("/stop", {})),
+        "methods": (opt(S, 0), mz("/", method="GET") + mz("/nope") + mz("/logs") +
+                    mz("/ping", {}, method="PUT") + mz("/connect?x=1")),
+        "too_big_header": (opt(S, 0), mz("/ping", {}, extra=[("X-Pad", "a" * 9000)])),
+        "too_big_body": (opt(S, 0), b"POST /start HTTP/1.1\r\nHost: x\r\nContent-Length: 70000"
+                         b"\r\n\r\n{"),
+        "garbage": (opt(S, 0), b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03"),
+        "head_probe": (opt(0, 1), b"HEAD / HTTP/1.0\r\n\r\n"),
+        "expect_continue": (opt(S, 0), mz("/ping", {}, extra=[("Expect", "100-continue")])),
+        "logs": (opt(S | LINES, 0), ws_upgrade("/logs?session_id=" + MZ_SESSION) +
+                 ws_frame(1, b"ignored") + ws_frame(8, struct.pack(">H", 1000))),
+        "logs_interval": (opt(S | LINES, LIVE | 3), ws_upgrade(
+            "/logs?session_id=" + MZ_SESSION + "&interval=0.7")),
+        "logs_negative": (opt(S | LINES, LIVE), ws_upgrade(
+            "/logs?interval=-1&session_id=" + MZ_SESSION.replace("-", "").upper())),
+        "logs_crash": (opt(S | LINES, CRASH), ws_upgrade(
+            "/logs?session_id=urn%3Auuid%3A" + MZ_SESSION + "&interval=")),
+        "logs_node_stop": (opt(S | LINES | DEFER, NODE_STOP | 2), ws_upgrade(
+            "/logs?session_id={" + MZ_SESSION + "}&interval=+1e-3+")),
+        "logs_refused": (opt(S, 0), ws_upgrade("/logs") + ws_upgrade("/logs?session_id=zzz")),
+        "logs_refused_iv": (opt(S, 0), ws_upgrade("/logs?session_id=%s&interval=abc" % MZ_SESSION)),
+        "logs_refused_11": (opt(S, 0), ws_upgrade("/logs?session_id=%s&interval=11" % MZ_SESSION)),
+        "logs_bad_key": (opt(S, 0), ws_upgrade("/logs?session_id=" + MZ_SESSION).replace(
+            b"dGhlIHNhbXBsZSBub25jZQ==", b"short")),
+    }
+    for name, (o, data) in seeds.items():
+        write("fuzz_marzban", name, o + data)
+
+
+GZ_SESSION = "c4ca4238-a0b9-4382-8dcc-509a6f75849b"  # FZ_GZ_SESSION in fuzz_gozargah.c
+
+
+def gz(method, path, body=b"", auth="Bearer " + GZ_SESSION, extra=()):
+    ex = list(extra)
+    if auth is not None:
+        ex.insert(0, ("Authorization", auth))
+    return h1(method, path, body, key=None, extra=ex)
+
+
+def gen_gozargah():
+    start = backend(SMALL_XRAY, USERS, exclude=["b"])
+    sid = GZ_SESSION
+    # opt[0]: bit 0 session, bit 1 session from another IP, bit 2 unverified client cert,
+    #         bit 3 HTTP/2, bits 4-5 write size, bit 6 defer, bit 7 no core path at all
+    # opt[1]: bits 0-1 the end, bit 2 cut the connection at the first REST request
+    S, OTHER_IP, NO_CERT, H2, DEFER, NO_PATH = 1, 2, 4, 8, 0x40, 0x80
+    auth = lambda v: [("authorization", v)]
+    seeds = {
+        "info": (opt(S, 0), gz("GET", "/info")),
+        "info_forms": (opt(S, 0), gz("GET", "/info", auth="x " + sid.upper()) +
+                       gz("GET", "/info", auth="Bearer " + sid.replace("-", "")) +
+                       gz("GET", "/info", auth="Bearer {" + sid + "}") +
+                       gz("GET", "/info", auth="Bearer urn:uuid:" + sid)),
+        "errors": (opt(S, 0), gz("GET", "/info", auth=None) + gz("GET", "/info", auth="Bearer") +
+                   gz("GET", "/info", auth="Bearer  " + sid) + gz("GET", "/info", auth="Bearer x") +
+                   gz("GET", "/info", auth="Bearer 2d3b3b8e-4c2f-4a4f-9e7d-0b1b2c3d4e5f") +
+                   gz("GET", "/info", auth="")),
+        "no_session": (opt(0, 0), gz("GET", "/info") + gz("GET", "/stats")),
+        "other_ip": (opt(S | OTHER_IP, 0), gz("GET", "/info")),
+        "no_cert": (opt(S | NO_CERT, 0), gz("POST", "/start", start)),
+        "start": (opt(0, 0), gz("POST", "/start", start, auth=None,
+                                extra=[("Content-Type", "application/x-protobuf")])),
+        "start_no_path": (opt(NO_PATH, 0), gz("POST", "/start", start, auth=None)),
+        "start_bad": (opt(S, 0), gz("POST", "/start", b"\xff\xff") +
+                      gz("POST", "/start", backend(b"{", USERS)) +
+                      gz("POST", "/start", backend(b"{}", btype=1))),
+        "start_v2ray": (opt(S, 0), gz("POST", "/start", backend(panel("panel_v2ray.json"), USERS))),
+        "routes": (opt(S, 0), gz("GET", "/stats/latency", stat_request("x")) +
+                   gz("PUT", "/stop") + gz("GET", "/logs", extra=[("Accept",
+                                                                    "application/x-protobuf")]) +
+                   gz("GET", "/nope") + gz("POST", "/info") + gz("PUT", "/users/sync") +
+                   gz("GET", "/stats/system")),
+        "bytewise": (opt(S | 0x10 | DEFER, 3), gz("GET", "/info")),
+        "start_left": (opt(0x20, 4), gz("POST", "/start", start, auth=None)),
+        "h2_start_left": (opt(H2 | 0x30, 4 | 1), START + rest_h2(1, "POST", "/start", start,
+                                                                  key=None)),
+        "h2_info": (opt(S | H2, 0), START + grpc_call(
+            1, svc("GetBaseInfo"), [b""], key=None, extra=auth("Bearer " + sid))),
+        "h2_auth_errors": (opt(S | H2, 0), START +
+                           grpc_call(1, svc("GetBaseInfo"), [b""], key=None) +
+                           grpc_call(3, svc("GetBaseInfo"), [b""], key=None,
+                                     extra=auth("bearer " + sid)) +
+                           grpc_call(5, svc("GetBaseInfo"), [b""], key=None,
+                                     extra=auth("Bearer x")) +
+                           grpc_call(7, svc("GetBaseInfo"), [b""], key=None,
+                                     extra=auth("Bearer " + "x" * 45)) +
+                           grpc_call(9, svc("GetBaseInfo"), [b""], key=None,
+                                     extra=auth("Bearer " + sid.replace("c", "g"))) +
+                           grpc_call(11, svc("GetStats"), [stat_request("x")], key=None,
+                                     extra=auth("Bearer 2d3b3b8e-4c2f-4a4f-9e7d-0b1b2c3d4e5f")) +
+                           grpc_call(13, svc("Nope"), [b""], key=None)),
+        "h2_start": (opt(H2, 0), START + grpc_call(1, svc("Start"), [start], key=None)),
+        "h2_guarded": (opt(S | H2, 0), START +
+                       grpc_call(1, svc("GetStats"), [stat_request("x")], key=None,
+                                 extra=auth("Bearer " + sid)) +
+                       grpc_call(3, svc("SyncUser"), [USERS[0]], key=None,
+                                 extra=auth("Bearer " + sid)) +
+                       grpc_call(5, svc("GetOutboundsLatency"), [f_bytes(1, "DIRECT")], key=None,
+                                 extra=auth("Bearer " + sid))),
+        "h2_rest": (opt(S | H2, 0), START + rest_h2(1, "GET", "/info", key=None,
+                                                    extra=auth("Bearer " + sid))),
+        "h2_no_session": (opt(H2, 0), START + grpc_call(1, svc("GetBaseInfo"), [b""], key=None,
+                                                        extra=auth("Bearer " + sid))),
+    }
+    for name, (o, data) in seeds.items():
+        write("fuzz_gozargah", name, o + data)
+
+
 def main():
     if os.path.isdir(OUT):
         shutil.rmtree(OUT)
@@ -499,6 +692,8 @@ def main():
     gen_env()
     gen_ws()
     gen_mzconf()
+    gen_marzban()
+    gen_gozargah()
     total = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(OUT) for f in fs)
     print("wrote %s (%d bytes)" % (OUT, total), file=sys.stderr)
 

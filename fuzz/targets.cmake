@@ -3,7 +3,7 @@
 # -fsanitize=fuzzer-no-link,address,undefined (fuzz/build.sh sets
 # CMAKE_C_FLAGS); each target links the fuzzer runtime on top. Targets that
 # serve a real connection share fuzz/common.c.
-set(PN_FUZZ_CONN_TARGETS fuzz_http1 fuzz_h2 fuzz_ws)
+set(PN_FUZZ_CONN_TARGETS fuzz_http1 fuzz_h2 fuzz_ws fuzz_marzban fuzz_gozargah)
 set(PN_FUZZ_TARGETS fuzz_grpc_decoder fuzz_proto_msgs fuzz_chunks fuzz_coreconf fuzz_mzconf
                     fuzz_env)
 add_custom_target(fuzz_all)

@@ -1,0 +1,349 @@
+/* fuzz_marzban: bytes from a peer into a real HTTP/1.1 server connection
+ * (net/http1.c over a bufferevent pair) served by the Marzban front
+ * (api/marzban.c) with its core session (node/mzcore.c) as the marzban
+ * profile wires them (src/app/app.c): the routes, the JSON bodies of /ping,
+ * /start, /stop and /restart (session_id as a UUID, config as a JSON
+ * string holding the panel's config, which goes through the mzconf
+ * rewrite), /connect and /disconnect, and the /logs WebSocket (query
+ * parsing, session and interval checks, the stream of the log ring).
+ *
+ * The core session has no core executable (core_path NULL, as when none
+ * is found): a /start or /restart that passes every check is answered from
+ * the next loop round with 503 `xray executable not found: …` and /stop
+ * completes at once, so no process is ever started and every input is
+ * deterministic. The front and the core session are made anew for each
+ * input. Their session can be opened beforehand with the fixed id
+ * FZ_MZ_SESSION (api/marzban.c is included for that, as fuzz_proto_msgs
+ * includes api/pasarguard.c), so the seeds get past the session check;
+ * a /connect in the input replaces it with a random one.
+ *
+ * Input: two option bytes, then the bytes the client sends.
+ *   opt[0] bit  0    a session is open (FZ_MZ_SESSION, from the peer's IP)
+ *          bit  1    PROXYNODE_CONNECT_STOPS_CORE
+ *          bits 2-3  write size: all at once, 1, 7 or 300 bytes per round
+ *          bit  4    BEV_OPT_DEFER_CALLBACKS on the pair
+ *          bit  5    the log ring holds a few lines already (the backlog)
+ *          bit  6    the peer is an IPv6 address (the rewrite's rule source)
+ *          bit  7    an INBOUNDS filter
+ *   opt[1] bits 0-1  the end: connection destroyed with the client still
+ *                    there, client gone (EOF), graceful shutdown, or 2 ms of
+ *                    timers first
+ *          bits 2-3  before the end: nothing, the core crashed (the session
+ *                    is invalidated), the node stops (streams end), or new
+ *                    core lines reach the open streams
+ *          bit  4    the connection is destroyed as soon as the first request
+ *                    reached the front (before any other event runs), so a
+ *                    request waiting for the core sees its connection go
+ * What the server writes must parse as HTTP/1.1 responses (unless the input
+ * mentions HEAD, as in fuzz_http1) up to a 101 upgrade, and every response
+ * body must be a JSON object (spec marzban.md "Must get right" 15). Every
+ * waiting request and open stream of the front must be gone once its
+ * connection is. */
+#include "../src/api/marzban.c"
+
+#include <event2/buffer.h>
+#include <event2/bufferevent.h>
+#include <http_parser.h>
+#include <stdarg.h>
+#include <unistd.h>
+
+#include "common.h"
+#include "net/http1.h"
+
+/* The session id the seeds carry when opt[0] bit 0 opens a session. */
+#define FZ_MZ_SESSION "8f14e45f-ceea-467f-a0e6-1b3c2d4e5f60"
+#define MAX_BODY_KEPT (1024 * 1024)
+
+/* ---- a quiet node log ------------------------------------------------------ */
+
+/* Every /start that passes its checks logs `Failed to start core: …` at
+ * error level; at hundreds of inputs a second that would flood the run's
+ * log. These replace base/log.c for this target (the linker then takes
+ * nothing from log.o): lines are still formatted, so bad arguments still
+ * show under the sanitizers, but written only with FUZZ_VERBOSE. */
+static enum pn_log_level fz_level = PN_LOG_INFO;
+
+static bool fz_verbose(void)
+{
+    static int verbose = -1;
+    if (verbose < 0)
+        verbose = getenv("FUZZ_VERBOSE") != NULL;
+    return verbose;
+}
+
+void pn_log_set_level(enum pn_log_level level)
+{
+    fz_level = level;
+}
+
+enum pn_log_level pn_log_get_level(void)
+{
+    return fz_level;
+}
+
+void pn_log(enum pn_log_level level, const char *fmt, ...)
+{
+    if (level > fz_level)
+        return;
+    char line[4096];
+    va_list ap;
+    va_start(ap, fmt);
+    int n = vsnprintf(line, sizeof line - 1, fmt, ap);
+    va_end(ap);
+    if (!fz_verbose() || n < 0)
+        return;
+    size_t len = (size_t)n < sizeof line - 1 ? (size_t)n : sizeof line - 2;
+    line[len++] = '\n';
+    ssize_t w = write(STDERR_FILENO, line, len);
+    (void)w;
+}
+
+/* ---- the client ------------------------------------------------------------ */
+
+struct client {
+    struct bufferevent *bev;
+    http_parser parser;
+    bool check; /* responses are parsed (no HEAD in the input, not upgraded) */
+    char *body;
+    size_t body_len;
+    bool body_over;
+};
+
+static int resp_begin(http_parser *p)
+{
+    struct client *cl = p->data;
+    cl->body_len = 0;
+    cl->body_over = false;
+    return 0;
+}
+
+static int resp_body(http_parser *p, const char *at, size_t len)
+{
+    struct client *cl = p->data;
+    if (cl->body_over || cl->body_len + len > MAX_BODY_KEPT) {
+        cl->body_over = true;
+        return 0;
+    }
+    memcpy(cl->body + cl->body_len, at, len);
+    cl->body_len += len;
+    return 0;
+}
+
+static int resp_complete(http_parser *p)
+{
+    struct client *cl = p->data;
+    if (!cl->body_len || cl->body_over)
+        return 0;
+    json_error_t je;
+    json_t *j = json_loadb(cl->body, cl->body_len, 0, &je);
+    bool ok = json_is_object(j);
+    json_decref(j);
+    if (!ok) {
+        fprintf(stderr, "fuzz_marzban: a %u answer whose body is not a JSON object: %.*s\n",
+                p->status_code, (int)(cl->body_len > 300 ? 300 : cl->body_len), cl->body);
+        abort();
+    }
+    return 0;
+}
+
+static const http_parser_settings resp_settings = {
+    .on_message_begin = resp_begin,
+    .on_body = resp_body,
+    .on_message_complete = resp_complete,
+};
+
+static void cli_take(struct client *cl, struct evbuffer *in)
+{
+    while (evbuffer_get_length(in)) {
+        struct evbuffer_iovec v;
+        if (evbuffer_peek(in, -1, NULL, &v, 1) < 1)
+            break;
+        if (fz_verbose()) /* what the server wrote, for reading a crash input */
+            fprintf(stderr, "server wrote %zu: %.*s\n", v.iov_len,
+                    (int)(v.iov_len > 2000 ? 2000 : v.iov_len), (const char *)v.iov_base);
+        if (cl->check) {
+            http_parser_execute(&cl->parser, &resp_settings, v.iov_base, v.iov_len);
+            enum http_errno e = HTTP_PARSER_ERRNO(&cl->parser);
+            if (e != HPE_OK) {
+                fprintf(stderr, "fuzz_marzban: the server wrote a malformed response: %s\n",
+                        http_errno_description(e));
+                abort();
+            }
+            if (cl->parser.upgrade)
+                cl->check = false; /* WebSocket frames follow */
+        }
+        evbuffer_drain(in, v.iov_len);
+    }
+}
+
+static void cli_read(struct bufferevent *bev, void *arg)
+{
+    cli_take(arg, bufferevent_get_input(bev));
+}
+
+static void cli_event(struct bufferevent *bev, short what, void *arg)
+{
+    (void)what;
+    cli_take(arg, bufferevent_get_input(bev));
+}
+
+/* ---- the server ------------------------------------------------------------ */
+
+static bool cut, cut_now; /* opt[1] bit 4; the first request reached the front */
+
+/* The front's entry point; with `cut`, the loop stops right after it. */
+static void on_request(struct pn_req *req, void *arg)
+{
+    pn_marzban_rest(req, arg);
+    if (cut) {
+        cut_now = true;
+        event_base_loopbreak(fz_world()->base);
+    }
+}
+
+/* fz_spin, ending at once when the connection is to be cut. */
+static void spin(struct event_base *base)
+{
+    for (int i = 0; i < 1000 && !cut_now; i++) {
+        event_base_loop(base, EVLOOP_NONBLOCK);
+        if (event_base_get_num_events(base, EVENT_BASE_COUNT_ACTIVE) == 0)
+            break;
+    }
+}
+
+/* ---- the input ------------------------------------------------------------- */
+
+static void push_lines(struct pn_mzcore *core, const char *const *lines, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        pn_logring_push(pn_mzcore_logs(core), lines[i], strlen(lines[i]));
+}
+
+int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
+{
+    static const size_t pieces[4] = {SIZE_MAX, 1, 7, 300};
+    static const char *const filter[] = {"VLESS TCP REALITY", "VMESS TCP"};
+    static const char *const backlog[] = {
+        "Xray 1.8.24 (Xray, Penetrates Everything.) 3f0bb2d (go1.22.5 linux/amd64)", "",
+        "2025/01/09 12:00:00 [Warning] core: Xray 1.8.24 started"};
+    static const char *const live[] = {"2025/01/09 12:00:01 accepted tcp:1.1.1.1:443",
+                                       "ü live line"};
+    static char *body_buf;
+    if (!body_buf)
+        body_buf = pn_malloc(MAX_BODY_KEPT);
+    struct fz_world *w = fz_world();
+    struct fz_in in = {data, size};
+    uint8_t o0 = fz_u8(&in), o1 = fz_u8(&in);
+    cut = o1 & 0x10;
+    cut_now = false;
+
+    struct pn_mzcore_opts mo = {
+        .base = w->base,
+        .core_path = NULL,
+        .api_host = "0.0.0.0",
+        .api_port = 62051,
+        .cert_file = "/var/lib/marzban-node/ssl_cert.pem",
+        .key_file = "/var/lib/marzban-node/ssl_key.pem",
+        .inbounds = (o0 & 0x80) ? filter : NULL,
+        .ninbounds = (o0 & 0x80) ? 2 : 0,
+        .start_timeout_ms = 60000,
+        .supervise = true,
+    };
+    struct pn_mzcore *core = pn_mzcore_new(&mo);
+    struct pn_marzban_opts zo = {.base = w->base, .core = core, .connect_stops_core = o0 & 2};
+    struct pn_marzban *front = pn_marzban_new(&zo);
+
+    struct pn_peer peer = {.port = 40000, .alpn = ""};
+    snprintf(peer.ip, sizeof peer.ip, "%s", (o0 & 0x40) ? "2001:db8::7" : "127.0.0.1");
+    if (o0 & 1) {
+        if (pn_uuid_parse(FZ_MZ_SESSION, strlen(FZ_MZ_SESSION), &front->session) != PN_OK)
+            abort();
+        front->connected = true;
+        snprintf(front->client_ip, sizeof front->client_ip, "%s", peer.ip);
+    }
+    if (o0 & 0x20)
+        push_lines(core, backlog, sizeof backlog / sizeof backlog[0]);
+
+    struct pn_http_server srv;
+    fz_server_init(&srv, FZ_ECHO, true, false);
+    srv.on_request = on_request;
+    srv.arg = front;
+    srv.respond_error = pn_marzban_respond_error;
+    srv.grpc = NULL;
+    srv.allow_h2 = false;
+    size_t piece = pieces[(o0 >> 2) & 3];
+    int opts = BEV_OPT_CLOSE_ON_FREE | ((o0 & 0x10) ? BEV_OPT_DEFER_CALLBACKS : 0);
+
+    struct client cl = {.check = !memmem(in.p, in.n, "HEAD", 4), .body = body_buf};
+    http_parser_init(&cl.parser, HTTP_RESPONSE);
+    cl.parser.data = &cl;
+    struct bufferevent *pair[2];
+    if (bufferevent_pair_new(w->base, opts, pair) < 0)
+        abort();
+    cl.bev = pair[1];
+    bufferevent_setcb(cl.bev, cli_read, NULL, cli_event, &cl);
+    bufferevent_enable(cl.bev, EV_READ | EV_WRITE);
+
+    struct pn_conn_set set = {0};
+    /* As the listener hands it over: the first bytes may be in already. */
+    size_t first = in.n < piece ? in.n : piece;
+    bufferevent_enable(pair[0], EV_READ);
+    bufferevent_write(cl.bev, in.p, first);
+    in.p += first;
+    in.n -= first;
+    pn_http1_conn_new(pair[0], &srv, &peer, &set);
+    spin(w->base);
+
+    for (int rounds = 0; in.n && !cut_now; rounds++) {
+        size_t n = rounds < 512 && piece < in.n ? piece : in.n;
+        bufferevent_write(cl.bev, in.p, n);
+        in.p += n;
+        in.n -= n;
+        spin(w->base);
+    }
+
+    switch (cut_now ? 0 : (o1 >> 2) & 3) {
+    case 0:
+        break;
+    case 1:
+        pn_marzban_invalidate_session(front);
+        break;
+    case 2:
+        pn_marzban_end_streams(front);
+        break;
+    case 3:
+        push_lines(core, live, sizeof live / sizeof live[0]);
+        break;
+    }
+    spin(w->base);
+
+    switch (cut_now ? 0 : o1 & 3) {
+    case 0:
+        break;
+    case 1:
+        bufferevent_free(cl.bev); /* the server sees EOF */
+        cl.bev = NULL;
+        fz_spin(w->base);
+        break;
+    case 2:
+        if (set.head)
+            set.head->ops->shutdown(set.head);
+        fz_spin(w->base);
+        break;
+    case 3:
+        fz_wait_2ms(w->base);
+        fz_spin(w->base);
+        break;
+    }
+    fz_teardown(&set);
+    if (front->calls || front->streams) {
+        fprintf(stderr, "fuzz_marzban: %s outlived their connection\n",
+                front->calls ? "requests waiting for the core" : "/logs streams");
+        abort();
+    }
+    if (cl.bev)
+        bufferevent_free(cl.bev);
+    pn_marzban_free(front);
+    pn_mzcore_free(core);
+    return 0;
+}
