@@ -115,6 +115,8 @@ struct pn_coreapi {
     nghttp2_session *sess;
     bool connected; /* TCP connect completed */
     bool draining;  /* GOAWAY seen or stream ids exhausted: submit nothing more */
+    /* The QueryStats call whose callback runs (pn_coreapi_take_reply). */
+    struct call *delivering;
 };
 
 /* ---- lists --------------------------------------------------------------- */
@@ -188,6 +190,220 @@ static void call_reset_response(struct call *c)
     c->grpc_message = NULL;
 }
 
+/* ---- QueryStatsResponse without protobuf-c ------------------------------------ */
+
+/* A QueryStats reply with 200k counters is ~9 MB; protobuf-c's unpack makes
+ * two allocations per counter (the Stat and its name) and the caller then
+ * frees them all. This decoder reads the reply where it lies instead: the
+ * names are NUL-terminated in place in the reply buffer and the stats point
+ * at them. It accepts and rejects exactly what protobuf-c 1.4 does for
+ * QueryStatsResponse{repeated Stat stat = 1} / Stat{string name = 1; int64
+ * value = 2} (tests/unit/core/test_statsdec.c compares the two): unknown
+ * fields are skipped, a known field with another wire type fails, the last
+ * name and value of a Stat win, and a name is cut at an embedded NUL as a
+ * C string would be. */
+
+/* A field key: 1-5 bytes, tag 0 invalid. Returns the bytes used, 0 on error. */
+static size_t pb_key(const uint8_t *p, size_t rem, uint32_t *field, unsigned *wt)
+{
+    if ((p[0] & 0xf8) == 0)
+        return 0;
+    *wt = p[0] & 7;
+    uint32_t f = (p[0] & 0x7f) >> 3;
+    if (!(p[0] & 0x80)) {
+        *field = f;
+        return 1;
+    }
+    size_t max = rem < 5 ? rem : 5;
+    unsigned shift = 4;
+    for (size_t i = 1; i < max; i++) {
+        f |= (uint32_t)(p[i] & 0x7f) << shift;
+        if (!(p[i] & 0x80)) {
+            *field = f;
+            return i + 1;
+        }
+        shift += 7;
+    }
+    return 0;
+}
+
+/* The extent of a field's value after its key: *len bytes, of which *pre
+ * are a length prefix (wire type 2). false when the value is truncated,
+ * unterminated, or of a wire type protobuf-c rejects (groups, 6, 7). */
+static bool pb_value(const uint8_t *p, size_t rem, unsigned wt, size_t *len, size_t *pre)
+{
+    *pre = 0;
+    switch (wt) {
+    case 0: {
+        size_t max = rem < 10 ? rem : 10;
+        for (size_t i = 0; i < max; i++)
+            if (!(p[i] & 0x80)) {
+                *len = i + 1;
+                return true;
+            }
+        return false;
+    }
+    case 1:
+        *len = 8;
+        return rem >= 8;
+    case 5:
+        *len = 4;
+        return rem >= 4;
+    case 2: {
+        size_t max = rem < 5 ? rem : 5;
+        uint32_t v = 0; /* 32 bits, as protobuf-c reads it */
+        for (size_t i = 0; i < max; i++) {
+            v |= (uint32_t)(p[i] & 0x7f) << (7 * i);
+            if (!(p[i] & 0x80)) {
+                if (v > rem - (i + 1))
+                    return false;
+                *pre = i + 1;
+                *len = i + 1 + (size_t)v;
+                return true;
+            }
+        }
+        return false;
+    }
+    default:
+        return false;
+    }
+}
+
+static uint64_t pb_varint(const uint8_t *p, size_t len)
+{
+    uint64_t v = 0;
+    for (size_t i = 0; i < len; i++)
+        v |= (uint64_t)(p[i] & 0x7f) << (7 * i);
+    return v;
+}
+
+/* One Stat message: name (pointer and length in the reply, or "") and value. */
+static bool decode_stat(const uint8_t *p, size_t len, struct pn_core_stat *st)
+{
+    st->name = "";
+    st->len = 0;
+    st->value = 0;
+    size_t off = 0;
+    while (off < len) {
+        /* The shapes the cores write, read at once: a name shorter than
+         * 128 bytes and a varint value, each behind a one-byte key. */
+        if (p[off] == 0x0a && len - off >= 2 && p[off + 1] < 0x80) {
+            size_t l = p[off + 1];
+            if (l > len - off - 2)
+                return false;
+            st->len = l;
+            st->name = l ? (const char *)p + off + 2 : "";
+            off += 2 + l;
+            continue;
+        }
+        if (p[off] == 0x10) {
+            size_t max = len - off - 1 < 10 ? len - off - 1 : 10;
+            uint64_t v = 0;
+            size_t i = 0;
+            for (; i < max; i++) {
+                v |= (uint64_t)(p[off + 1 + i] & 0x7f) << (7 * i);
+                if (!(p[off + 1 + i] & 0x80))
+                    break;
+            }
+            if (i == max)
+                return false;
+            st->value = (int64_t)v;
+            off += 2 + i;
+            continue;
+        }
+        uint32_t field;
+        unsigned wt;
+        size_t k = pb_key(p + off, len - off, &field, &wt);
+        if (!k)
+            return false;
+        off += k;
+        size_t vlen, pre;
+        if (!pb_value(p + off, len - off, wt, &vlen, &pre))
+            return false;
+        if (field == 1) {
+            if (wt != 2)
+                return false;
+            st->len = vlen - pre;
+            st->name = st->len ? (const char *)p + off + pre : "";
+        } else if (field == 2) {
+            if (wt != 0)
+                return false;
+            st->value = (int64_t)pb_varint(p + off, vlen);
+        }
+        off += vlen;
+    }
+    return true;
+}
+
+/* NUL-terminates a decoded name where it lies, as protobuf-c's copy would
+ * be: a name with a NUL inside ends at that NUL. */
+static void cut_name(struct pn_core_stat *st)
+{
+    if (!st->len)
+        return;
+    char *name = (char *)(uintptr_t)st->name;
+    size_t l = st->len;
+    st->len = strnlen(name, l);
+    name[l] = '\0';
+}
+
+/* Decodes the QueryStatsResponse in msg[0..len) in one pass (msg[len]
+ * must be writable: the last name may end there). On success *out (caller
+ * frees) holds *n stats whose names point into msg, NUL-terminated there.
+ * On failure msg may have been changed (some names cut). */
+static bool decode_query_stats(uint8_t *msg, size_t len, struct pn_core_stat **out, size_t *n)
+{
+    size_t cap = len / 32 + 16, count = 0, cut = 0, off = 0;
+    struct pn_core_stat *st = pn_malloc(cap * sizeof *st);
+    while (off < len) {
+        uint32_t field;
+        unsigned wt;
+        size_t vlen, pre;
+        if (msg[off] == 0x0a && len - off >= 2 && msg[off + 1] < 0x80) {
+            /* a Stat shorter than 128 bytes: the usual shape */
+            field = 1;
+            wt = 2;
+            off++;
+            pre = 1;
+            vlen = 1 + (size_t)msg[off];
+            if (vlen > len - off)
+                goto fail;
+        } else {
+            size_t k = pb_key(msg + off, len - off, &field, &wt);
+            if (!k)
+                goto fail;
+            off += k;
+            if (!pb_value(msg + off, len - off, wt, &vlen, &pre))
+                goto fail;
+        }
+        /* Everything before this field has been read: the previous Stat's
+         * name (which ends at the latest where this field's key began)
+         * can be cut now. */
+        while (cut < count)
+            cut_name(&st[cut++]);
+        if (field == 1) {
+            if (wt != 2)
+                goto fail;
+            if (count == cap) {
+                cap *= 2;
+                st = pn_realloc(st, cap * sizeof *st);
+            }
+            if (!decode_stat(msg + off + pre, vlen - pre, &st[count]))
+                goto fail;
+            count++;
+        }
+        off += vlen;
+    }
+    while (cut < count)
+        cut_name(&st[cut++]);
+    *out = st;
+    *n = count;
+    return true;
+fail:
+    free(st);
+    return false;
+}
+
 /* Decodes a successful reply for the typed helpers and runs the caller's
  * callback; a reply that does not decode becomes PN_ERR_PROTO. */
 static void deliver_typed(struct call *c, struct pn_coreapi_result *r)
@@ -198,23 +414,28 @@ static void deliver_typed(struct call *c, struct pn_coreapi_result *r)
         c->cb.raw(r, c->arg);
         return;
     case REPLY_STATS: {
-        Pncore__QueryStatsResponse *m =
-            ok ? pncore__query_stats_response__unpack(NULL, r->len, r->body) : NULL;
-        if (!m) {
-            if (ok)
+        struct pn_core_stat *st = NULL;
+        size_t n = 0;
+        if (ok) {
+            /* Room for the NUL after a name that ends the reply; the
+             * reply is complete, so its size limit no longer applies. */
+            c->body.max = 0;
+            pn_buf_reserve(&c->body, 1);
+            r->body = c->body.data + 5;
+            if (!decode_query_stats(c->body.data + 5, r->len, &st, &n)) {
                 *r = (struct pn_coreapi_result){PN_ERR_PROTO, GRPC_INTERNAL,
                                                 "cannot decode QueryStatsResponse", NULL, 0};
+                ok = false;
+            }
+        }
+        if (!ok) {
             c->cb.stats(r, NULL, 0, c->arg);
             return;
         }
-        struct pn_core_stat *st = pn_calloc(m->n_stat ? m->n_stat : 1, sizeof *st);
-        for (size_t i = 0; i < m->n_stat; i++) {
-            st[i].name = m->stat[i]->name;
-            st[i].value = m->stat[i]->value;
-        }
-        c->cb.stats(r, st, m->n_stat, c->arg);
+        c->api->delivering = c;
+        c->cb.stats(r, st, n, c->arg);
+        c->api->delivering = NULL;
         free(st);
-        pncore__query_stats_response__free_unpacked(m, NULL);
         return;
     }
     case REPLY_SYS: {
@@ -1073,6 +1294,16 @@ int pn_coreapi_remove_inbound(struct pn_coreapi *api, const char *tag, unsigned 
     char path[128];
     return start_call(api, handler_path(api, "RemoveInbound", path, sizeof path), b, n, timeout_ms,
                       REPLY_RAW, (void (*)(void))cb, arg);
+}
+
+void *pn_coreapi_take_reply(struct pn_coreapi *api)
+{
+    struct call *c = api->delivering;
+    if (!c)
+        return NULL;
+    void *p = c->body.data;
+    pn_buf_init(&c->body, 0);
+    return p;
 }
 
 int pn_coreapi_query_stats(struct pn_coreapi *api, const char *pattern, bool reset,

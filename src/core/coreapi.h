@@ -81,15 +81,24 @@ int pn_coreapi_remove_user(struct pn_coreapi *api, const char *tag, const char *
 int pn_coreapi_remove_inbound(struct pn_coreapi *api, const char *tag, unsigned timeout_ms,
                               pn_coreapi_cb cb, void *arg);
 
-/* StatsService.QueryStats: the decoded counters. */
+/* StatsService.QueryStats: the decoded counters. name is NUL-terminated
+ * and len is strlen(name); the names live in the reply buffer (r->body,
+ * where they are NUL-terminated in place) and are valid only during the
+ * callback. */
 struct pn_core_stat {
     const char *name;
     int64_t value;
+    size_t len;
 };
 typedef void (*pn_coreapi_stats_cb)(const struct pn_coreapi_result *r,
                                     const struct pn_core_stat *stats, size_t n, void *arg);
 int pn_coreapi_query_stats(struct pn_coreapi *api, const char *pattern, bool reset,
                            unsigned timeout_ms, pn_coreapi_stats_cb cb, void *arg);
+/* Inside a QueryStats callback with stats: takes the reply buffer the
+ * names point into, so they stay valid after the callback (a merge of 200k
+ * counters need not copy them); the caller frees it with free(). NULL
+ * anywhere else. */
+void *pn_coreapi_take_reply(struct pn_coreapi *api);
 
 /* StatsService.GetSysStats: decoded. */
 struct pn_core_sys_stats {

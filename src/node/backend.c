@@ -123,6 +123,7 @@ struct pn_backend_op {
     struct pn_backend_stats *out; /* non-reset stats from one generation, merged as read */
     size_t out_cap;
     uint32_t mark;
+    struct pn_coreapi *api; /* the one core a merged read asks */
     char *email;
     bool ip_list;
     bool pumping, completed;
@@ -1192,14 +1193,89 @@ static void op_defer(struct pn_backend_op *op, void (*fn)(evutil_socket_t, short
 
 /* ---- stats ---------------------------------------------------------------------------------- */
 
+/* Item names are copied into blocks of this size (a name longer than a
+ * block gets a block of its own): 200k names cost ~30 allocations, not
+ * 200k. */
+#define NAMES_BLOCK (256 * 1024)
+
+/* An answer as the backend makes it: the public part and the blocks its
+ * item names live in (copies, or a core reply taken whole). */
+struct stats_box {
+    struct pn_backend_stats pub;
+    void **blocks;
+    size_t nblocks, cap_blocks;
+    char *cur; /* free space in the newest copy block */
+    size_t left;
+};
+
 void pn_backend_stats_free(struct pn_backend_stats *s)
 {
     if (!s)
         return;
-    for (size_t i = 0; i < s->n; i++)
-        free(s->items[i].name);
+    struct stats_box *box = (struct stats_box *)s;
+    for (size_t i = 0; i < box->nblocks; i++)
+        free(box->blocks[i]);
+    free(box->blocks);
     free(s->items);
-    free(s);
+    free(box);
+}
+
+/* The answer takes block (freed with it). */
+static void stats_hold(struct pn_backend_stats *s, void *block)
+{
+    struct stats_box *box = (struct stats_box *)s;
+    if (box->nblocks == box->cap_blocks) {
+        box->cap_blocks = box->cap_blocks ? box->cap_blocks * 2 : 8;
+        box->blocks = pn_realloc(box->blocks, box->cap_blocks * sizeof *box->blocks);
+    }
+    box->blocks[box->nblocks++] = block;
+}
+
+static struct pn_backend_stats *stats_new(void)
+{
+    struct stats_box *box = pn_calloc(1, sizeof *box);
+    return &box->pub;
+}
+
+/* A NUL-terminated copy of name[0..len) in s's name blocks. */
+static char *names_copy(struct pn_backend_stats *s, const char *name, size_t len)
+{
+    struct stats_box *a = (struct stats_box *)s;
+    if (a->left < len + 1) {
+        size_t size = len + 1 > NAMES_BLOCK ? len + 1 : NAMES_BLOCK;
+        a->cur = pn_malloc(size);
+        a->left = size;
+        stats_hold(s, a->cur);
+    }
+    char *p = a->cur;
+    memcpy(p, name, len);
+    p[len] = '\0';
+    a->cur += len + 1;
+    a->left -= len + 1;
+    return p;
+}
+
+/* Makes room for extra more items. */
+static void stats_reserve(struct pn_backend_stats *s, size_t *cap, size_t extra)
+{
+    if (*cap - s->n >= extra)
+        return;
+    size_t want = *cap ? *cap * 2 : 64;
+    if (want < s->n + extra)
+        want = s->n + extra;
+    s->items = pn_realloc(s->items, want * sizeof *s->items);
+    *cap = want;
+}
+
+/* Appends an item; its name is copied unless it already lives in a block
+ * the answer holds (kept). */
+static void stats_push(struct pn_backend_stats *s, size_t *cap, const char *name, size_t len,
+                       int64_t value, bool kept)
+{
+    stats_reserve(s, cap, 1);
+    s->items[s->n].name = kept ? (char *)(uintptr_t)name : names_copy(s, name, len);
+    s->items[s->n].value = value;
+    s->n++;
 }
 
 struct collect_ctx {
@@ -1207,21 +1283,10 @@ struct collect_ctx {
     size_t cap;
 };
 
-static void stats_push(struct pn_backend_stats *s, size_t *cap, const char *name, int64_t value)
-{
-    if (s->n == *cap) {
-        *cap = *cap ? *cap * 2 : 64;
-        s->items = pn_realloc(s->items, *cap * sizeof *s->items);
-    }
-    s->items[s->n].name = pn_strdup(name);
-    s->items[s->n].value = value;
-    s->n++;
-}
-
 static void collect_stat(const char *name, int64_t value, void *arg)
 {
     struct collect_ctx *c = arg;
-    stats_push(c->out, &c->cap, name, value);
+    stats_push(c->out, &c->cap, name, strlen(name), value, false);
 }
 
 static void add_to_acc(const char *name, int64_t value, void *arg)
@@ -1251,7 +1316,7 @@ static void stats_complete(struct pn_backend_op *op)
         c = (struct collect_ctx){s, op->out_cap};
         pn_ledger_foreach_unmarked(b->ledger, op->pattern, op->mark, collect_stat, &c);
     } else {
-        s = pn_calloc(1, sizeof *s);
+        s = stats_new();
         c = (struct collect_ctx){s, 0};
         if (op->reset) {
             s->reset = true;
@@ -1282,9 +1347,17 @@ static void stats_read_reply(const struct pn_coreapi_result *r, const struct pn_
 {
     struct pn_backend_op *op = arg;
     if (r->rv == PN_OK && op->out) {
+        /* The names stay where the core's reply put them: the answer
+         * takes the reply. */
+        void *reply = pn_coreapi_take_reply(op->api);
+        if (reply)
+            stats_hold(op->out, reply);
+        stats_reserve(op->out, &op->out_cap, n);
         for (size_t i = 0; i < n; i++)
-            stats_push(op->out, &op->out_cap, st[i].name,
-                       st[i].value + pn_ledger_get_mark(op->b->ledger, st[i].name, op->mark));
+            stats_push(op->out, &op->out_cap, st[i].name, st[i].len,
+                       st[i].value +
+                           pn_ledger_get_mark(op->b->ledger, st[i].name, st[i].len, op->mark),
+                       reply != NULL);
     } else if (r->rv == PN_OK) {
         for (size_t i = 0; i < n; i++)
             pn_ledger_add(op->acc, st[i].name, st[i].value);
@@ -1313,7 +1386,8 @@ int pn_backend_query_stats(struct pn_backend *b, const char *pattern, bool reset
     size_t n = b->sup ? pn_supervisor_gens(b->sup, gens, 8) : 0;
     if (!reset && n == 1) {
         /* The common case merges the reply straight into the answer. */
-        op->out = pn_calloc(1, sizeof *op->out);
+        op->out = stats_new();
+        op->api = pn_core_gen_api(gens[0]);
         if (++b->next_mark == 0)
             b->next_mark = 1;
         op->mark = b->next_mark;

@@ -136,6 +136,8 @@ struct pn_backend_stats {
     size_t n;
     bool reset; /* the values must be taken from the ledger once delivered */
 };
+/* Frees an answer pn_backend_query_stats made (with its item names, which
+ * it keeps in a few large blocks rather than one allocation each). */
 void pn_backend_stats_free(struct pn_backend_stats *s);
 
 /* Counters whose name contains pattern (QueryStats semantics), ledger plus

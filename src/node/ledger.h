@@ -25,11 +25,12 @@ void pn_ledger_take(struct pn_ledger *l, const char *name, int64_t value);
 void pn_ledger_foreach(const struct pn_ledger *l, const char *pattern,
                        void (*fn)(const char *name, int64_t value, void *arg), void *arg);
 size_t pn_ledger_count(const struct pn_ledger *l);
-
 /* Merging a core reply with the ledger without a second table: look each
  * core name up with a mark (non-zero, new per merge), then visit the
- * entries matching pattern that the merge did not meet. */
-int64_t pn_ledger_get_mark(struct pn_ledger *l, const char *name, uint32_t mark);
+ * entries matching pattern that the merge did not meet. name is len bytes
+ * (a NUL after it is not needed); the mark lives in the slot array, so the
+ * unmarked scan reads the entries of unmet names only. */
+int64_t pn_ledger_get_mark(struct pn_ledger *l, const char *name, size_t len, uint32_t mark);
 void pn_ledger_foreach_unmarked(const struct pn_ledger *l, const char *pattern, uint32_t mark,
                                 void (*fn)(const char *name, int64_t value, void *arg),
                                 void *arg);

@@ -244,19 +244,20 @@ static void test_chunks_short_payload(void **state)
 static void expect_split(const char *name, const char *kind, const char *n, const char *l,
                          const char *t)
 {
-    char *parts[3];
-    char *copy = stat_split(name, kind, parts);
+    struct name_part parts[3];
+    bool ok = split_name(name, strlen(name), kind, strlen(kind), parts);
     if (!n) {
-        if (copy)
+        if (ok)
             fail_msg("%s (kind %s) should be dropped", name, kind);
         return;
     }
-    if (!copy)
+    if (!ok)
         fail_msg("%s (kind %s) should parse", name, kind);
-    assert_string_equal(parts[0], n);
-    assert_string_equal(parts[1], l);
-    assert_string_equal(parts[2], t);
-    free(copy);
+    const char *want[3] = {n, l, t};
+    for (int i = 0; i < 3; i++) {
+        assert_int_equal(parts[i].len, strlen(want[i]));
+        assert_memory_equal(parts[i].p, want[i], parts[i].len);
+    }
 }
 
 static void test_stat_split(void **state)
