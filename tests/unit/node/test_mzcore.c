@@ -440,6 +440,16 @@ static void test_restart_when_stopped_starts(void **state)
     free(a);
 }
 
+/* v2ray 4.34 refusing the config prints its "[Info] ... Reading config"
+ * line through an asynchronous logger and the error with a plain print, so
+ * on a loaded machine the Info line can come last: either is "the last
+ * line it printed". */
+static bool v2ray_last_line(const char *detail)
+{
+    return strstr(detail, "unknown config id: nonsense") != NULL ||
+           strstr(detail, "Reading config: stdin:") != NULL;
+}
+
 static void test_bad_config_detail(void **state)
 {
     struct env *e = *state;
@@ -453,7 +463,7 @@ static void test_bad_config_detail(void **state)
     wait_res(e, &r, 5000);
     assert_int_equal(r.rv, PN_ERR_PROTO);
     /* the last line v2ray printed, nothing else */
-    assert_non_null(strstr(r.detail, "unknown config id: nonsense"));
+    assert_true(v2ray_last_line(r.detail));
     assert_null(strchr(r.detail, '\n'));
     assert_false(pn_mzcore_started(e->mz));
 
@@ -466,7 +476,7 @@ static void test_bad_config_detail(void **state)
                      PN_OK);
     wait_res(e, &r2, 5000);
     assert_int_equal(r2.rv, PN_ERR_PROTO);
-    assert_non_null(strstr(r2.detail, "unknown config id: nonsense"));
+    assert_true(v2ray_last_line(r2.detail));
     assert_int_equal(active_pid(e), p1);
     assert_true(pn_mzcore_started(e->mz));
     free(a);
