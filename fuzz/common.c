@@ -7,6 +7,8 @@
  * fuzzer reports it as a crash. */
 #include "common.h"
 
+#include <event2/buffer.h>
+#include <event2/bufferevent.h>
 #include <event2/event.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -45,7 +47,7 @@ struct fz_world *fz_world(void)
 {
     if (world.base)
         return &world;
-    pn_log_set_level(getenv("FUZZ_VERBOSE") ? PN_LOG_DEBUG : PN_LOG_ERROR);
+    pn_log_set_level(fz_verbose() ? PN_LOG_DEBUG : PN_LOG_ERROR);
     world.base = event_base_new();
     struct pn_backend_opts bo = {.base = world.base, .core_path = NULL, .log_buffer_size = 16};
     world.backend = pn_backend_new(&bo);
@@ -58,13 +60,79 @@ struct fz_world *fz_world(void)
     return &world;
 }
 
-void fz_spin(struct event_base *base)
+bool fz_verbose(void)
 {
-    for (int i = 0; i < 1000; i++) {
+    static int verbose = -1;
+    if (verbose < 0)
+        verbose = getenv("FUZZ_VERBOSE") != NULL;
+    return verbose;
+}
+
+void fz_spin_until(struct event_base *base, const bool *stop)
+{
+    for (int i = 0; i < 1000 && !(stop && *stop); i++) {
         event_base_loop(base, EVLOOP_NONBLOCK);
         if (event_base_get_num_events(base, EVENT_BASE_COUNT_ACTIVE) == 0)
             break;
     }
+}
+
+void fz_spin(struct event_base *base)
+{
+    fz_spin_until(base, NULL);
+}
+
+/* ---- the HTTP/1.1 client end -------------------------------------------------- */
+
+static const http_parser_settings syntax_only;
+
+static void reader_take(struct fz_reader *r, struct evbuffer *in)
+{
+    while (evbuffer_get_length(in)) {
+        struct evbuffer_iovec v;
+        if (evbuffer_peek(in, -1, NULL, &v, 1) < 1)
+            break;
+        if (fz_verbose()) /* what the server wrote, for reading a crash input */
+            fprintf(stderr, "server wrote %zu: %.*s\n", v.iov_len,
+                    (int)(v.iov_len > 2000 ? 2000 : v.iov_len), (const char *)v.iov_base);
+        if (r->check && HTTP_PARSER_ERRNO(&r->parser) == HPE_OK) {
+            http_parser_execute(&r->parser, r->settings ? r->settings : &syntax_only, v.iov_base,
+                                v.iov_len);
+            enum http_errno e = HTTP_PARSER_ERRNO(&r->parser);
+            if (e != HPE_OK) {
+                fprintf(stderr, "%s: the server wrote a malformed response: %s\n", r->target,
+                        http_errno_description(e));
+                abort();
+            }
+            if (r->parser.upgrade)
+                r->check = false;
+        }
+        evbuffer_drain(in, v.iov_len);
+    }
+}
+
+static void reader_read(struct bufferevent *bev, void *arg)
+{
+    reader_take(arg, bufferevent_get_input(bev));
+}
+
+static void reader_event(struct bufferevent *bev, short what, void *arg)
+{
+    (void)what;
+    reader_take(arg, bufferevent_get_input(bev));
+}
+
+void fz_reader_attach(struct fz_reader *r, struct bufferevent *bev, const char *target,
+                      const http_parser_settings *settings, bool check, void *user)
+{
+    memset(r, 0, sizeof *r);
+    http_parser_init(&r->parser, HTTP_RESPONSE);
+    r->parser.data = r;
+    r->settings = settings;
+    r->target = target;
+    r->check = check;
+    r->user = user;
+    bufferevent_setcb(bev, reader_read, NULL, reader_event, r);
 }
 
 void fz_wait_2ms(struct event_base *base)

@@ -11,8 +11,12 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include <http_parser.h>
+
 #include "net/grpc.h"
 #include "net/http.h"
+
+struct bufferevent;
 
 /* The API key the PasarGuard front expects; the seeds carry it. */
 #define FZ_API_KEY "5f0b9a52-2b6c-4f3e-9d43-1c1b6f1e2a77"
@@ -49,8 +53,14 @@ struct fz_world {
 };
 struct fz_world *fz_world(void);
 
+/* FUZZ_VERBOSE is set: targets say more (what the server wrote, logs). */
+bool fz_verbose(void);
+
 /* Runs the loop without blocking until no event is active (bounded). */
 void fz_spin(struct event_base *base);
+/* The same, stopping early once *stop is true (a target cutting the
+ * connection at a chosen point). */
+void fz_spin_until(struct event_base *base, const bool *stop);
 /* Lets about 2 ms pass through the loop, so the shortest timers fire. */
 void fz_wait_2ms(struct event_base *base);
 
@@ -60,6 +70,23 @@ void fz_wait_2ms(struct event_base *base);
  * body; timeouts are long (they never fire within one input). */
 void fz_server_init(struct pn_http_server *srv, enum fz_mode mode, bool echo_grpc,
                     bool custom_errors);
+
+/* The client end of an HTTP/1.1 connection: what the server writes back
+ * must parse as responses or the run aborts naming target. settings adds
+ * checks of its own (NULL: syntax only; the parser's data is the reader,
+ * user is the target's). Checking stops at an upgrade (another protocol
+ * follows) and is off when check is false (answers to HEAD carry a
+ * Content-Length and no body, which a response parser cannot know). */
+struct fz_reader {
+    http_parser parser;
+    const http_parser_settings *settings;
+    const char *target;
+    bool check;
+    void *user;
+};
+/* Sets r up and makes it bev's read and event callbacks. */
+void fz_reader_attach(struct fz_reader *r, struct bufferevent *bev, const char *target,
+                      const http_parser_settings *settings, bool check, void *user);
 
 /* Ends every connection of set and every request or call still held by the
  * handlers, then spins until the frees ran. Call at the end of each input. */

@@ -54,55 +54,6 @@
 
 static const char preface[] = "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
-struct client {
-    struct bufferevent *bev;
-    http_parser parser;
-    bool check;
-};
-
-static const http_parser_settings resp_settings = {0}; /* syntax only */
-
-static bool fz_verbose(void)
-{
-    static int verbose = -1;
-    if (verbose < 0)
-        verbose = getenv("FUZZ_VERBOSE") != NULL;
-    return verbose;
-}
-
-static void cli_take(struct client *cl, struct evbuffer *in)
-{
-    while (evbuffer_get_length(in)) {
-        struct evbuffer_iovec v;
-        if (evbuffer_peek(in, -1, NULL, &v, 1) < 1)
-            break;
-        if (fz_verbose()) /* what the server wrote, for reading a crash input */
-            fprintf(stderr, "server wrote %zu: %.*s\n", v.iov_len,
-                    (int)(v.iov_len > 2000 ? 2000 : v.iov_len), (const char *)v.iov_base);
-        if (cl->check && HTTP_PARSER_ERRNO(&cl->parser) == HPE_OK) {
-            http_parser_execute(&cl->parser, &resp_settings, v.iov_base, v.iov_len);
-            enum http_errno e = HTTP_PARSER_ERRNO(&cl->parser);
-            if (e != HPE_OK) {
-                fprintf(stderr, "fuzz_gozargah: the server wrote a malformed response: %s\n",
-                        http_errno_description(e));
-                abort();
-            }
-        }
-        evbuffer_drain(in, v.iov_len);
-    }
-}
-
-static void cli_read(struct bufferevent *bev, void *arg)
-{
-    cli_take(arg, bufferevent_get_input(bev));
-}
-
-static void cli_event(struct bufferevent *bev, short what, void *arg)
-{
-    (void)what;
-    cli_take(arg, bufferevent_get_input(bev));
-}
-
 static bool cut, cut_now; /* opt[1] bit 2; the first request reached the front */
 
 /* The front's REST entry point; with `cut`, the loop stops right after it. */
@@ -112,16 +63,6 @@ static void on_request(struct pn_req *req, void *arg)
     if (cut) {
         cut_now = true;
         event_base_loopbreak(fz_world()->base);
-    }
-}
-
-/* fz_spin, ending at once when the connection is to be cut. */
-static void spin(struct event_base *base)
-{
-    for (int i = 0; i < 1000 && !cut_now; i++) {
-        event_base_loop(base, EVLOOP_NONBLOCK);
-        if (event_base_get_num_events(base, EVENT_BASE_COUNT_ACTIVE) == 0)
-            break;
     }
 }
 
@@ -173,45 +114,45 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     size_t piece = pieces[(o0 >> 4) & 3];
     int opts = BEV_OPT_CLOSE_ON_FREE | ((o0 & 0x40) ? BEV_OPT_DEFER_CALLBACKS : 0);
 
-    struct client cl = {.check = !h2 && !memmem(in.p, in.n, "HEAD", 4)};
-    http_parser_init(&cl.parser, HTTP_RESPONSE);
-    struct bufferevent *pair[2];
+    struct bufferevent *pair[2], *cli;
     if (bufferevent_pair_new(w->base, opts, pair) < 0)
         abort();
-    cl.bev = pair[1];
-    bufferevent_setcb(cl.bev, cli_read, NULL, cli_event, &cl);
-    bufferevent_enable(cl.bev, EV_READ | EV_WRITE);
+    cli = pair[1];
+    struct fz_reader rd;
+    fz_reader_attach(&rd, cli, "fuzz_gozargah", NULL, !h2 && !memmem(in.p, in.n, "HEAD", 4),
+                     NULL);
+    bufferevent_enable(cli, EV_READ | EV_WRITE);
 
     /* As the listener hands a connection over: HTTP/2 with the sniffed
      * preface in the input already, HTTP/1.1 with the first piece. */
     struct pn_conn_set set = {0};
     bufferevent_enable(pair[0], EV_READ);
     if (h2) {
-        bufferevent_write(cl.bev, preface, sizeof preface - 1);
+        bufferevent_write(cli, preface, sizeof preface - 1);
         pn_h2_conn_new(pair[0], &srv, &peer, &set);
     } else {
         size_t first = in.n < piece ? in.n : piece;
-        bufferevent_write(cl.bev, in.p, first);
+        bufferevent_write(cli, in.p, first);
         in.p += first;
         in.n -= first;
         pn_http1_conn_new(pair[0], &srv, &peer, &set);
     }
-    spin(w->base);
+    fz_spin_until(w->base, &cut_now);
 
     for (int rounds = 0; in.n && !cut_now; rounds++) {
         size_t n = rounds < 512 && piece < in.n ? piece : in.n;
-        bufferevent_write(cl.bev, in.p, n);
+        bufferevent_write(cli, in.p, n);
         in.p += n;
         in.n -= n;
-        spin(w->base);
+        fz_spin_until(w->base, &cut_now);
     }
 
     switch (cut_now ? 0 : o1 & 3) {
     case 0:
         break;
     case 1:
-        bufferevent_free(cl.bev); /* the server sees EOF */
-        cl.bev = NULL;
+        bufferevent_free(cli); /* the server sees EOF */
+        cli = NULL;
         fz_spin(w->base);
         break;
     case 2:
@@ -229,8 +170,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         fprintf(stderr, "fuzz_gozargah: log streams outlived their connection\n");
         abort();
     }
-    if (cl.bev)
-        bufferevent_free(cl.bev);
+    if (cli)
+        bufferevent_free(cli);
     pn_pasarguard_free(pg);
     return 0;
 }

@@ -30,11 +30,8 @@ static const char preface[] = "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 static void cli_read(struct bufferevent *bev, void *arg)
 {
     (void)arg;
-    static int verbose = -1;
-    if (verbose < 0)
-        verbose = getenv("FUZZ_VERBOSE") != NULL;
     struct evbuffer *in = bufferevent_get_input(bev);
-    if (verbose) { /* what the server wrote, for reading a crash input */
+    if (fz_verbose()) { /* what the server wrote, for reading a crash input */
         size_t n = evbuffer_get_length(in);
         const unsigned char *p = evbuffer_pullup(in, -1);
         fprintf(stderr, "server wrote %zu:", n);

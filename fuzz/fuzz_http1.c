@@ -25,44 +25,6 @@
 #include "common.h"
 #include "net/http1.h"
 
-struct client {
-    struct bufferevent *bev;
-    http_parser parser;
-    bool check;
-};
-
-static const http_parser_settings resp_settings = {0}; /* syntax only */
-
-static void cli_take(struct client *cl, struct evbuffer *in)
-{
-    while (evbuffer_get_length(in)) {
-        struct evbuffer_iovec v;
-        if (evbuffer_peek(in, -1, NULL, &v, 1) < 1)
-            break;
-        if (cl->check && HTTP_PARSER_ERRNO(&cl->parser) == HPE_OK) {
-            http_parser_execute(&cl->parser, &resp_settings, v.iov_base, v.iov_len);
-            enum http_errno e = HTTP_PARSER_ERRNO(&cl->parser);
-            if (e != HPE_OK) {
-                fprintf(stderr, "fuzz_http1: the server wrote a malformed response: %s\n",
-                        http_errno_description(e));
-                abort();
-            }
-        }
-        evbuffer_drain(in, v.iov_len);
-    }
-}
-
-static void cli_read(struct bufferevent *bev, void *arg)
-{
-    cli_take(arg, bufferevent_get_input(bev));
-}
-
-static void cli_event(struct bufferevent *bev, short what, void *arg)
-{
-    (void)what;
-    cli_take(arg, bufferevent_get_input(bev));
-}
-
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
     static const size_t pieces[4] = {SIZE_MAX, 1, 7, 300};
@@ -75,14 +37,13 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     size_t piece = pieces[(o0 >> 4) & 3];
     int opts = BEV_OPT_CLOSE_ON_FREE | ((o0 & 0x40) ? BEV_OPT_DEFER_CALLBACKS : 0);
 
-    struct client cl = {.check = !memmem(in.p, in.n, "HEAD", 4)};
-    http_parser_init(&cl.parser, HTTP_RESPONSE);
-    struct bufferevent *pair[2];
+    struct bufferevent *pair[2], *cli;
     if (bufferevent_pair_new(w->base, opts, pair) < 0)
         abort();
-    cl.bev = pair[1];
-    bufferevent_setcb(cl.bev, cli_read, NULL, cli_event, &cl);
-    bufferevent_enable(cl.bev, EV_READ | EV_WRITE);
+    cli = pair[1];
+    struct fz_reader rd;
+    fz_reader_attach(&rd, cli, "fuzz_http1", NULL, !memmem(in.p, in.n, "HEAD", 4), NULL);
+    bufferevent_enable(cli, EV_READ | EV_WRITE);
 
     struct pn_conn_set set = {0};
     struct pn_peer peer = {.ip = "127.0.0.1", .port = 40000, .alpn = "http/1.1"};
@@ -90,7 +51,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
      * first bytes: give it the first piece that way. */
     size_t first = in.n < piece ? in.n : piece;
     bufferevent_enable(pair[0], EV_READ); /* so the pair moves the bytes over now */
-    bufferevent_write(cl.bev, in.p, first);
+    bufferevent_write(cli, in.p, first);
     in.p += first;
     in.n -= first;
     pn_http1_conn_new(pair[0], &srv, &peer, &set);
@@ -98,7 +59,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 
     for (int rounds = 0; in.n; rounds++) {
         size_t n = rounds < 512 && piece < in.n ? piece : in.n;
-        bufferevent_write(cl.bev, in.p, n);
+        bufferevent_write(cli, in.p, n);
         in.p += n;
         in.n -= n;
         fz_spin(w->base);
@@ -108,8 +69,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     case 0:
         break;
     case 1:
-        bufferevent_free(cl.bev); /* the server sees EOF */
-        cl.bev = NULL;
+        bufferevent_free(cli); /* the server sees EOF */
+        cli = NULL;
         fz_spin(w->base);
         break;
     case 2:
@@ -123,7 +84,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         break;
     }
     fz_teardown(&set);
-    if (cl.bev)
-        bufferevent_free(cl.bev);
+    if (cli)
+        bufferevent_free(cli);
     return 0;
 }

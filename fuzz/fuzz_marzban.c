@@ -63,14 +63,6 @@
  * show under the sanitizers, but written only with FUZZ_VERBOSE. */
 static enum pn_log_level fz_level = PN_LOG_INFO;
 
-static bool fz_verbose(void)
-{
-    static int verbose = -1;
-    if (verbose < 0)
-        verbose = getenv("FUZZ_VERBOSE") != NULL;
-    return verbose;
-}
-
 void pn_log_set_level(enum pn_log_level level)
 {
     fz_level = level;
@@ -100,47 +92,45 @@ void pn_log(enum pn_log_level level, const char *fmt, ...)
 
 /* ---- the client ------------------------------------------------------------ */
 
-struct client {
-    struct bufferevent *bev;
-    http_parser parser;
-    bool check; /* responses are parsed (no HEAD in the input, not upgraded) */
-    char *body;
-    size_t body_len;
-    bool body_over;
+/* What the reader keeps of the current answer's body (fz_reader.user). */
+struct kept_body {
+    char *data;
+    size_t len;
+    bool over;
 };
 
 static int resp_begin(http_parser *p)
 {
-    struct client *cl = p->data;
-    cl->body_len = 0;
-    cl->body_over = false;
+    struct kept_body *b = ((struct fz_reader *)p->data)->user;
+    b->len = 0;
+    b->over = false;
     return 0;
 }
 
 static int resp_body(http_parser *p, const char *at, size_t len)
 {
-    struct client *cl = p->data;
-    if (cl->body_over || cl->body_len + len > MAX_BODY_KEPT) {
-        cl->body_over = true;
+    struct kept_body *b = ((struct fz_reader *)p->data)->user;
+    if (b->over || b->len + len > MAX_BODY_KEPT) {
+        b->over = true;
         return 0;
     }
-    memcpy(cl->body + cl->body_len, at, len);
-    cl->body_len += len;
+    memcpy(b->data + b->len, at, len);
+    b->len += len;
     return 0;
 }
 
 static int resp_complete(http_parser *p)
 {
-    struct client *cl = p->data;
-    if (!cl->body_len || cl->body_over)
+    struct kept_body *b = ((struct fz_reader *)p->data)->user;
+    if (!b->len || b->over)
         return 0;
     json_error_t je;
-    json_t *j = json_loadb(cl->body, cl->body_len, 0, &je);
+    json_t *j = json_loadb(b->data, b->len, 0, &je);
     bool ok = json_is_object(j);
     json_decref(j);
     if (!ok) {
         fprintf(stderr, "fuzz_marzban: a %u answer whose body is not a JSON object: %.*s\n",
-                p->status_code, (int)(cl->body_len > 300 ? 300 : cl->body_len), cl->body);
+                p->status_code, (int)(b->len > 300 ? 300 : b->len), b->data);
         abort();
     }
     return 0;
@@ -151,41 +141,6 @@ static const http_parser_settings resp_settings = {
     .on_body = resp_body,
     .on_message_complete = resp_complete,
 };
-
-static void cli_take(struct client *cl, struct evbuffer *in)
-{
-    while (evbuffer_get_length(in)) {
-        struct evbuffer_iovec v;
-        if (evbuffer_peek(in, -1, NULL, &v, 1) < 1)
-            break;
-        if (fz_verbose()) /* what the server wrote, for reading a crash input */
-            fprintf(stderr, "server wrote %zu: %.*s\n", v.iov_len,
-                    (int)(v.iov_len > 2000 ? 2000 : v.iov_len), (const char *)v.iov_base);
-        if (cl->check) {
-            http_parser_execute(&cl->parser, &resp_settings, v.iov_base, v.iov_len);
-            enum http_errno e = HTTP_PARSER_ERRNO(&cl->parser);
-            if (e != HPE_OK) {
-                fprintf(stderr, "fuzz_marzban: the server wrote a malformed response: %s\n",
-                        http_errno_description(e));
-                abort();
-            }
-            if (cl->parser.upgrade)
-                cl->check = false; /* WebSocket frames follow */
-        }
-        evbuffer_drain(in, v.iov_len);
-    }
-}
-
-static void cli_read(struct bufferevent *bev, void *arg)
-{
-    cli_take(arg, bufferevent_get_input(bev));
-}
-
-static void cli_event(struct bufferevent *bev, short what, void *arg)
-{
-    (void)what;
-    cli_take(arg, bufferevent_get_input(bev));
-}
 
 /* ---- the server ------------------------------------------------------------ */
 
@@ -198,16 +153,6 @@ static void on_request(struct pn_req *req, void *arg)
     if (cut) {
         cut_now = true;
         event_base_loopbreak(fz_world()->base);
-    }
-}
-
-/* fz_spin, ending at once when the connection is to be cut. */
-static void spin(struct event_base *base)
-{
-    for (int i = 0; i < 1000 && !cut_now; i++) {
-        event_base_loop(base, EVLOOP_NONBLOCK);
-        if (event_base_get_num_events(base, EVENT_BASE_COUNT_ACTIVE) == 0)
-            break;
     }
 }
 
@@ -274,32 +219,32 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     size_t piece = pieces[(o0 >> 2) & 3];
     int opts = BEV_OPT_CLOSE_ON_FREE | ((o0 & 0x10) ? BEV_OPT_DEFER_CALLBACKS : 0);
 
-    struct client cl = {.check = !memmem(in.p, in.n, "HEAD", 4), .body = body_buf};
-    http_parser_init(&cl.parser, HTTP_RESPONSE);
-    cl.parser.data = &cl;
-    struct bufferevent *pair[2];
+    struct bufferevent *pair[2], *cli;
     if (bufferevent_pair_new(w->base, opts, pair) < 0)
         abort();
-    cl.bev = pair[1];
-    bufferevent_setcb(cl.bev, cli_read, NULL, cli_event, &cl);
-    bufferevent_enable(cl.bev, EV_READ | EV_WRITE);
+    cli = pair[1];
+    struct kept_body body = {.data = body_buf};
+    struct fz_reader rd;
+    fz_reader_attach(&rd, cli, "fuzz_marzban", &resp_settings, !memmem(in.p, in.n, "HEAD", 4),
+                     &body);
+    bufferevent_enable(cli, EV_READ | EV_WRITE);
 
     struct pn_conn_set set = {0};
     /* As the listener hands it over: the first bytes may be in already. */
     size_t first = in.n < piece ? in.n : piece;
     bufferevent_enable(pair[0], EV_READ);
-    bufferevent_write(cl.bev, in.p, first);
+    bufferevent_write(cli, in.p, first);
     in.p += first;
     in.n -= first;
     pn_http1_conn_new(pair[0], &srv, &peer, &set);
-    spin(w->base);
+    fz_spin_until(w->base, &cut_now);
 
     for (int rounds = 0; in.n && !cut_now; rounds++) {
         size_t n = rounds < 512 && piece < in.n ? piece : in.n;
-        bufferevent_write(cl.bev, in.p, n);
+        bufferevent_write(cli, in.p, n);
         in.p += n;
         in.n -= n;
-        spin(w->base);
+        fz_spin_until(w->base, &cut_now);
     }
 
     switch (cut_now ? 0 : (o1 >> 2) & 3) {
@@ -315,14 +260,14 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         push_lines(core, live, sizeof live / sizeof live[0]);
         break;
     }
-    spin(w->base);
+    fz_spin_until(w->base, &cut_now);
 
     switch (cut_now ? 0 : o1 & 3) {
     case 0:
         break;
     case 1:
-        bufferevent_free(cl.bev); /* the server sees EOF */
-        cl.bev = NULL;
+        bufferevent_free(cli); /* the server sees EOF */
+        cli = NULL;
         fz_spin(w->base);
         break;
     case 2:
@@ -341,8 +286,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
                 front->calls ? "requests waiting for the core" : "/logs streams");
         abort();
     }
-    if (cl.bev)
-        bufferevent_free(cl.bev);
+    if (cli)
+        bufferevent_free(cli);
     pn_marzban_free(front);
     pn_mzcore_free(core);
     return 0;
