@@ -448,6 +448,42 @@ void fz_server_init(struct pn_http_server *srv, enum fz_mode mode, bool echo_grp
     srv->respond_error = custom_errors ? custom_error : NULL;
 }
 
+void fz_feed(struct event_base *base, struct bufferevent *cli, struct fz_in *in, size_t piece,
+             const bool *stop)
+{
+    for (int rounds = 0; in->n && !(stop && *stop); rounds++) {
+        size_t n = rounds < 512 && piece < in->n ? piece : in->n;
+        bufferevent_write(cli, in->p, n);
+        in->p += n;
+        in->n -= n;
+        fz_spin_until(base, stop);
+    }
+}
+
+void fz_end(struct event_base *base, struct pn_conn_set *set, struct bufferevent **cli,
+            unsigned how)
+{
+    switch (how & 3) {
+    case 0:
+        break;
+    case 1:
+        bufferevent_free(*cli);
+        *cli = NULL;
+        fz_spin(base);
+        break;
+    case 2:
+        if (set->head)
+            set->head->ops->shutdown(set->head);
+        fz_spin(base);
+        break;
+    case 3:
+        fz_wait_2ms(base);
+        fz_spin(base);
+        break;
+    }
+    fz_teardown(set);
+}
+
 void fz_teardown(struct pn_conn_set *set)
 {
     struct fz_world *w = fz_world();

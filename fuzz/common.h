@@ -71,6 +71,19 @@ void fz_wait_2ms(struct event_base *base);
 void fz_server_init(struct pn_http_server *srv, enum fz_mode mode, bool echo_grpc,
                     bool custom_errors);
 
+/* Writes the rest of the input into cli, piece bytes per loop round (the
+ * rest at once after 512 rounds), spinning after each; stops early once
+ * *stop is true (stop may be NULL). */
+void fz_feed(struct event_base *base, struct bufferevent *cli, struct fz_in *in, size_t piece,
+             const bool *stop);
+
+/* Ends an input's connection the way how (0-3) picks: left to the
+ * teardown (destroyed with the client still there), the client gone (the
+ * server sees EOF; *cli is freed and set NULL), a graceful shutdown, or
+ * 2 ms of timers first. Then fz_teardown(set). */
+void fz_end(struct event_base *base, struct pn_conn_set *set, struct bufferevent **cli,
+            unsigned how);
+
 /* The client end of an HTTP/1.1 connection: what the server writes back
  * must parse as responses or the run aborts naming target. settings adds
  * checks of its own (NULL: syntax only; the parser's data is the reader,

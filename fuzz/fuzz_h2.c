@@ -75,33 +75,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     pn_h2_conn_new(pair[0], &srv, &peer, &set);
     fz_spin(w->base);
 
-    for (int rounds = 0; in.n; rounds++) {
-        size_t n = rounds < 512 && piece < in.n ? piece : in.n;
-        bufferevent_write(cli, in.p, n);
-        in.p += n;
-        in.n -= n;
-        fz_spin(w->base);
-    }
+    fz_feed(w->base, cli, &in, piece, NULL);
 
-    switch (o1 & 3) {
-    case 0:
-        break;
-    case 1:
-        bufferevent_free(cli);
-        cli = NULL;
-        fz_spin(w->base);
-        break;
-    case 2:
-        if (set.head)
-            set.head->ops->shutdown(set.head);
-        fz_spin(w->base);
-        break;
-    case 3:
-        fz_wait_2ms(w->base);
-        fz_spin(w->base);
-        break;
-    }
-    fz_teardown(&set);
+    fz_end(w->base, &set, &cli, o1 & 3);
     if (cli)
         bufferevent_free(cli);
     return 0;

@@ -239,13 +239,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     pn_http1_conn_new(pair[0], &srv, &peer, &set);
     fz_spin_until(w->base, &cut_now);
 
-    for (int rounds = 0; in.n && !cut_now; rounds++) {
-        size_t n = rounds < 512 && piece < in.n ? piece : in.n;
-        bufferevent_write(cli, in.p, n);
-        in.p += n;
-        in.n -= n;
-        fz_spin_until(w->base, &cut_now);
-    }
+    fz_feed(w->base, cli, &in, piece, &cut_now);
 
     switch (cut_now ? 0 : (o1 >> 2) & 3) {
     case 0:
@@ -262,25 +256,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     }
     fz_spin_until(w->base, &cut_now);
 
-    switch (cut_now ? 0 : o1 & 3) {
-    case 0:
-        break;
-    case 1:
-        bufferevent_free(cli); /* the server sees EOF */
-        cli = NULL;
-        fz_spin(w->base);
-        break;
-    case 2:
-        if (set.head)
-            set.head->ops->shutdown(set.head);
-        fz_spin(w->base);
-        break;
-    case 3:
-        fz_wait_2ms(w->base);
-        fz_spin(w->base);
-        break;
-    }
-    fz_teardown(&set);
+    fz_end(w->base, &set, &cli, cut_now ? 0 : o1 & 3);
     if (front->calls || front->streams) {
         fprintf(stderr, "fuzz_marzban: %s outlived their connection\n",
                 front->calls ? "requests waiting for the core" : "/logs streams");

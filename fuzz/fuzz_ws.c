@@ -142,13 +142,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     pn_http1_conn_new(pair[0], &srv, &peer, &set);
     fz_spin(w->base);
 
-    for (int rounds = 0; in.n; rounds++) {
-        size_t n = rounds < 512 && piece < in.n ? piece : in.n;
-        bufferevent_write(cli, in.p, n);
-        in.p += n;
-        in.n -= n;
-        fz_spin(w->base);
-    }
+    fz_feed(w->base, cli, &in, piece, NULL);
     if (o0 & 0x20) {
         for (size_t i = nopen; i > 0; i--)
             pn_ws_close(open_ws[i - 1], codes[o1 & 7], "bye \xc3\xa9");
